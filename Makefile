@@ -1,0 +1,26 @@
+# The two commands a newcomer needs:  make run   and   make test
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PROFILE ?= cpu-tiny
+PIP_EXTRA ?=
+
+.PHONY: setup run test test-gpu lab clean
+
+setup:  ## .venv, pinned packages, Jupyter kernel, libaio-dev (quick when done)
+	@bash scripts/setup.sh requirements.txt $(VENV) $(PIP_EXTRA)
+
+run: setup  ## execute every notebook headless with PROFILE; results under runs/$(PROFILE)/
+	@$(PY) -m bloomkit.notebooks --profile $(PROFILE) --out runs/$(PROFILE)
+
+test: setup  ## the whole CPU test suite (GPU tests are deselected: see test-gpu)
+	@$(PY) -m pytest -m "not gpu" tests
+
+test-gpu: setup  ## tests marked gpu, on a machine with a CUDA GPU
+	@$(PY) -m pytest -m gpu tests
+
+lab: setup  ## JupyterLab on the notebooks, with the bloomkit kernel
+	@$(VENV)/bin/jupyter lab notebooks
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,224 @@
+"""Strategy 1: Hugging Face Accelerate big-model inference (pipeline placement).
+
+Accelerate never builds the whole model in memory.  ``from_pretrained(device_map=...)``:
+
+1. instantiates the model *with empty weights* (on the ``meta`` device: shapes, no bytes);
+2. computes a **device map** — which module goes to which GPU, to CPU RAM, or to disk —
+   from the per-module sizes and ``max_memory`` (:func:`plan_device_map` shows this step
+   on its own);
+3. loads each checkpoint shard and puts every tensor straight where the map says.
+
+At run time the layers execute one device after the other (a pipeline with one stage
+busy at a time), so N GPUs give N times the memory, not N times the speed.  Modules
+mapped to ``cpu`` or ``disk`` are *offloaded*: hooks copy their weights to the GPU just
+before they run, so every step pays the transfer — the measured slowdown is the price
+of fitting.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from collections import Counter
+from pathlib import Path
+
+from .errors import UserError
+
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential", "none")
+NO_SPLIT = ["BloomBlock"]  # a transformer block is never cut across two devices
+
+
+def parse_max_memory(spec: str | None) -> dict | None:
+    """``"0=30GiB,1=70GiB,cpu=100GiB"`` -> ``{0: "30GiB", 1: "70GiB", "cpu": "100GiB"}``.
+
+    Keys are GPU indices, ``cpu`` or ``disk``; sizes use accelerate's units (GiB, MB, ...).
+    ``max_memory`` caps what the device map may put on each device — on GPUs leave room for
+    activations and the KV cache, which the map does not count.
+    """
+    if spec is None or spec == "":
+        return None
+    from accelerate.utils import convert_file_size_to_int
+
+    out: dict = {}
+    for part in spec.split(","):
+        key, sep, size = part.strip().partition("=")
+        if not sep or not key or not size:
+            raise UserError(f"bad --max_memory entry {part!r}; write device=size pairs like "
+                            "0=30GiB,1=70GiB,cpu=100GiB")
+        key = key.strip()
+        if key.isdigit():
+            key = int(key)
+        elif key not in ("cpu", "disk", "mps"):
+            raise UserError(f"unknown device {key!r} in --max_memory; use GPU indices, cpu or disk")
+        try:
+            convert_file_size_to_int(size.strip())
+        except ValueError:
+            raise UserError(f"bad size {size!r} in --max_memory; use units like 512MiB or 30GiB") from None
+        out[key] = size.strip()
+    return out
+
+
+def check_offload_folder(folder: str | Path | None) -> Path | None:
+    """The offload folder must be a writable directory (created if missing)."""
+    if folder is None:
+        return None
+    path = Path(folder).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".bloomkit-write-test"
+        probe.write_bytes(b"x")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"offload folder {folder} is not writable ({exc.strerror}); pass "
+                        "--offload_folder to a writable directory with room for the offloaded "
+                        "weights") from None
+    return path
+
+
+def check_int8_backend(device: str) -> None:
+    """LLM.int8() needs bitsandbytes with a backend for ``device`` (CPU since 0.48)."""
+    try:
+        import bitsandbytes as bnb
+    except Exception as exc:  # noqa: BLE001 - broken installs raise many kinds of errors
+        raise UserError(f"int8 needs bitsandbytes ({type(exc).__name__}: {exc}); "
+                        "pip install 'bitsandbytes>=0.48', or use --dtype bf16") from None
+    from packaging.version import Version
+
+    if Version(bnb.__version__) < Version("0.48") and device == "cpu":
+        raise UserError(f"bitsandbytes {bnb.__version__} has no CPU int8 backend; "
+                        "pip install 'bitsandbytes>=0.48', or use --dtype bf16")
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError("int8 on cuda but no CUDA device; run on a GPU or on cpu")
+
+
+def _quiet():
+    """Silence accelerate/bitsandbytes chatter that repeats per layer or per call."""
+    warnings.filterwarnings("ignore", message=".*inputs will be cast from.*")
+    warnings.filterwarnings("ignore", message=".*weights are not tied.*")
+    logging.getLogger("accelerate.utils.modeling").setLevel(logging.ERROR)
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+
+def empty_model(config, dtype: str = "bf16"):
+    """The model skeleton on the ``meta`` device: every shape, zero bytes.  Takes ~1 s even
+    for BLOOM-176B, which is what lets accelerate plan placement before reading weights."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    from .dtypes import torch_dtype
+
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype(dtype))
+    model.tie_weights()
+    return model
+
+
+def plan_device_map(config, max_memory: dict, dtype: str = "bf16", device_map: str = "auto"):
+    """Compute (without loading anything) the device map ``from_pretrained`` would use.
+
+    * ``auto`` / ``balanced``: spread the blocks evenly over the GPUs in ``max_memory``;
+    * ``balanced_low_0``: the same, but keep GPU 0 nearly empty — ``generate`` runs its
+      sampling, the logits (batch x vocab, 250880 wide for BLOOM) and the inputs on the
+      first device, so a light GPU 0 lets the batch grow;
+    * ``sequential``: fill GPU 0, then GPU 1, ... (fewest devices, uneven load).
+
+    GPU indices in ``max_memory`` need not exist on this machine: the plan is pure
+    arithmetic over module sizes, so you can plan BLOOM-176B on 8x80GB from a laptop.
+    """
+    from accelerate import infer_auto_device_map
+    from accelerate.utils import get_balanced_memory
+
+    from .dtypes import torch_dtype
+
+    _quiet()
+    model = empty_model(config, dtype)
+    mm = dict(max_memory)
+    if device_map in ("auto", "balanced", "balanced_low_0"):
+        mm = get_balanced_memory(model, max_memory=mm, no_split_module_classes=NO_SPLIT,
+                                 dtype=torch_dtype(dtype), low_zero=device_map == "balanced_low_0")
+    return infer_auto_device_map(model, max_memory=mm, no_split_module_classes=NO_SPLIT,
+                                 dtype=torch_dtype(dtype))
+
+
+def device_map_summary(device_map: dict, config=None, dtype: str = "bf16"):
+    """A table: per device, the blocks it holds and (with ``config``) its weight bytes."""
+    import pandas as pd
+
+    from .memory import dtype_bytes, param_count
+
+    counts = Counter(device_map.values())
+    rows = []
+    per_block = None
+    if config is not None:
+        h = config.hidden_size
+        per_block = (12 * h * h + 13 * h) * dtype_bytes(dtype)
+    for dev, n in counts.items():
+        blocks = sum(1 for k, v in device_map.items() if v == dev and ".h." in f".{k}")
+        row = {"device": str(dev), "modules": n, "blocks": blocks}
+        if per_block is not None:
+            other = (param_count(config) - config.n_layer * per_block / dtype_bytes(dtype)) * dtype_bytes(dtype)
+            row["weights_GB"] = round((blocks * per_block + (other if n > blocks else 0)) / 1e9, 3)
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("device")
+
+
+def load_model(path: str | Path, dtype: str = "fp32", *, device_map: str = "auto",
+               max_memory: dict | None = None, offload_folder: str | Path | None = None,
+               device: str = "cpu"):
+    """Load a checkpoint for inference with accelerate's big-model placement.
+
+    ``dtype``: ``fp32``/``bf16``/``fp16`` weights, or ``int8`` — LLM.int8() through
+    ``BitsAndBytesConfig(load_in_8bit=True)``: linear weights stored in int8 (half of bf16),
+    outlier features kept in 16-bit, compute in fp16/bf16.
+    ``device_map``: see :func:`plan_device_map`; ``none`` puts the whole model on ``device``.
+    ``max_memory``: per-device caps, e.g. ``{0: "30GiB", "cpu": "100GiB"}``; whatever does
+    not fit goes to the next device, then to CPU, then to ``offload_folder`` on disk.
+    ``offload_folder``: where disk-offloaded weights live (safetensors checkpoints are
+    read in place, other formats are written there as numpy memmaps).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from .dtypes import torch_dtype
+
+    _quiet()
+    if device_map not in DEVICE_MAPS:
+        raise UserError(f"unknown device map {device_map!r}; use one of {', '.join(DEVICE_MAPS)}")
+    kwargs: dict = {}
+    if dtype == "int8":
+        check_int8_backend(device)
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+        kwargs["dtype"] = torch.float16 if device == "cuda" else torch.float32
+    else:
+        kwargs["dtype"] = torch_dtype(dtype)
+    if device_map == "none":
+        kwargs["device_map"] = {"": device if device == "cpu" else 0}
+    else:
+        kwargs["device_map"] = device_map
+        if device == "cpu" and max_memory and not any(isinstance(k, int) for k in max_memory):
+            # Without GPUs, 'balanced' maps have nothing to balance: place sequentially
+            # over cpu, then disk.
+            kwargs["device_map"] = "sequential" if device_map != "auto" else "auto"
+    if max_memory:
+        kwargs["max_memory"] = max_memory
+    folder = check_offload_folder(offload_folder)
+    if folder is not None:
+        kwargs["offload_folder"] = str(folder)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    except ValueError as exc:
+        msg = " ".join(str(exc).split())
+        if "offload" in msg.lower() or "disk" in msg.lower():
+            raise UserError(f"the model does not fit in --max_memory and no --offload_folder was "
+                            f"given; raise --max_memory or pass --offload_folder DIR ({msg[:120]})") from None
+        raise
+    return model.eval()
+
+
+def placement(model) -> dict:
+    """How many modules of the loaded model sit on each device (``hf_device_map``)."""
+    hf_map = getattr(model, "hf_device_map", None) or {"": str(next(model.parameters()).device)}
+    return {str(k): v for k, v in Counter(str(v) for v in hf_map.values()).items()}

@@ -1,0 +1,86 @@
+"""Run one strategy variant the same way everywhere: load once, then per batch size
+generate (or benchmark), optionally verify against plain ``generate``, and return result
+records.  Recipes reach it through :func:`bloomkit.cli.run`; notebooks call it directly.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from . import harness, memory, models, quality, results
+
+
+def reference(path, prompts: list[str], max_new_tokens: int):
+    """Plain fp32 ``generate`` on CPU, with per-step scores and teacher-forced logits: the
+    truth every strategy is compared with (loads the whole model: small models only)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    tok = models.load_tokenizer(path)
+    gen = harness.generate(model, tok, prompts, max_new_tokens, device="cpu", return_scores=True)
+    logits = quality.sequence_logits(model, tok, gen.prompts, gen.tokens, device="cpu")
+    del model
+    return gen, logits
+
+
+def run_variant(*, strategy: str, name: str, load: Callable, path: str | Path | None = None,
+                dtype: str = "fp32", device: str = "cpu", batch_sizes=(1,), max_new_tokens: int = 100,
+                options: dict | None = None, prompts: list[str] | None = None,
+                cycles: int | None = None, verify: bool = False, budget: int | None = None,
+                world_size: int = 1, generate_fn: Callable | None = None,
+                token_multiplier: int = 1, model=None, load_seconds: float | None = None) -> list[dict]:
+    """Result records of one strategy variant, one per batch size.
+
+    ``load(path, dtype, device)`` builds the model ("start to ready" is timed around it);
+    pass ``model`` (and ``load_seconds``) instead to reuse one already loaded.
+    ``cycles``: ``None`` generates once; a number benchmarks (1 warm-up + ``cycles``).
+    ``budget``: bytes standing in for device memory — batch sizes whose estimated need
+    (weights + KV cache + activations) exceeds it are recorded as ``oom``, like the blog's
+    tables; a real out-of-memory error during a sweep is recorded the same way.
+    ``generate_fn(model, tok, prompts, n)`` replaces :func:`harness.generate`.
+    ``token_multiplier``: ranks that each generate their own stream count all ranks' tokens.
+    """
+    path = Path(path) if path is not None else models.resolve_model(name)
+    config = models.load_config(path)
+    options = dict(options or {})
+    if model is None:
+        with harness.LoadTimer() as lt:
+            model = load(path, dtype, device)
+        load_seconds = lt.seconds
+    if hasattr(model, "hf_device_map"):
+        from .accel import placement
+        options.setdefault("placement", placement(model))
+    tok = models.load_tokenizer(path)
+    gen_fn = generate_fn or (lambda m, t, p, n: harness.generate(m, t, p, n))
+    records = []
+    for bs in batch_sizes:
+        rows = harness.make_prompts(bs, prompts)
+        common = dict(strategy=strategy, model=name, dtype=dtype, batch_size=bs,
+                      max_new_tokens=max_new_tokens, load_seconds=load_seconds,
+                      world_size=world_size, options=options, cycles=cycles)
+        need = memory.weight_bytes(config, dtype) + memory.generate_extra_bytes(
+            config, bs, 64 + max_new_tokens, dtype)
+        if budget is not None and need > budget:
+            records.append(results.make_record(**common, status=results.OOM,
+                                               error=f"estimated {need} B > budget {budget} B"))
+            continue
+        try:
+            one = lambda: gen_fn(model, tok, rows, max_new_tokens)  # noqa: E731
+            if cycles:
+                timing = harness.time_generation(one, batch_size=bs * token_multiplier,
+                                                 max_new_tokens=max_new_tokens, cycles=cycles)
+                gen = timing.generation
+            else:
+                timing, gen = None, one()
+        except Exception as exc:  # noqa: BLE001
+            if not harness.is_oom(exc) or len(batch_sizes) == 1:
+                raise
+            records.append(results.make_record(**common, status=results.OOM, error=str(exc)[:200]))
+            continue
+        qual = None
+        if verify:
+            ref, ref_logits = reference(path, rows, max_new_tokens)
+            qual = quality.quality_report(ref, ref_logits, gen, model, tok)
+        records.append(results.make_record(**common, timing=timing, generation=gen, quality=qual))
+    return records

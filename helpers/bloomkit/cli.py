@@ -1,0 +1,145 @@
+"""What every recipe shares: its command-line flags and its run loop.
+
+Shared flags (underscores, as in the blog's scripts): ``--name --dtype --batch_size
+--max_new_tokens --prompts_file --benchmark --cycles --json_out`` plus ``--verify``
+(compare with plain ``generate``) and ``--memory_budget`` (CPU stand-in for device memory
+in a batch-size sweep).  Each recipe adds its strategy flags and a ``load`` function;
+:func:`run` does the rest — the same way for every strategy, so their numbers compare.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Callable
+
+from . import bench, harness, models, results
+from .dtypes import DTYPES, default_device, resolve_dtype
+from .errors import UserError
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one ``error:`` line (exit 2), not a usage dump."""
+
+    def error(self, message):  # noqa: D401
+        print(f"error: {message}; see {self.prog} --help", file=sys.stderr)
+        sys.exit(2)
+
+
+def batch_sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"batch size must be integers like 8 or 1,8,32, got {text!r}")
+    if not sizes or any(s <= 0 for s in sizes):
+        raise argparse.ArgumentTypeError(f"batch size must be a positive integer, got {text!r}; "
+                                         "pass --batch_size 1 or more")
+    return sizes
+
+
+def positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+def dtype_arg(text: str) -> str:
+    if text not in DTYPES + ("float32", "bfloat16", "float16"):
+        raise argparse.ArgumentTypeError(f"unknown dtype {text!r}; use one of {', '.join(DTYPES)}")
+    return text
+
+
+def common_parser(description: str) -> Parser:
+    p = Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("shared by every recipe")
+    g.add_argument("--name", default="tiny",
+                   help="model: a preset (tiny, small, bench), a local HF directory, or a hub id "
+                        "already in the local cache (e.g. bigscience/bloom)")
+    g.add_argument("--dtype", type=dtype_arg, default=None,
+                   help="fp32, bf16, fp16 (CUDA only) or int8; default fp32 on CPU, bf16 on CUDA")
+    g.add_argument("--batch_size", type=batch_sizes, default=[1],
+                   help="rows per generate call; a list like 1,8,32 runs a sweep")
+    g.add_argument("--max_new_tokens", type=positive_int, default=100,
+                   help="new tokens per row (exactly this many: EOS is suppressed)")
+    g.add_argument("--prompts_file", default=None,
+                   help="one prompt per line, used instead of the blog's 8 prompts")
+    g.add_argument("--benchmark", action="store_true",
+                   help="time it: one warm-up, then --cycles timed generate calls")
+    g.add_argument("--cycles", type=positive_int, default=5, help="timed calls with --benchmark")
+    g.add_argument("--json_out", default=None, help="write the result record(s) here (JSON)")
+    g.add_argument("--verify", action="store_true",
+                   help="also run plain fp32 generate and report token agreement / logit error "
+                        "(loads the whole model once more: small models only)")
+    g.add_argument("--memory_budget", default=None,
+                   help="CPU stand-in for device memory in a sweep, e.g. 4GiB: batch sizes whose "
+                        "estimated need exceeds it are recorded as oom")
+    g.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                   help="default: cuda when available, else cpu")
+    return p
+
+
+def budget_bytes(text: str | None) -> int | None:
+    if not text:
+        return None
+    from accelerate.utils import convert_file_size_to_int
+
+    try:
+        return convert_file_size_to_int(text)
+    except ValueError:
+        raise UserError(f"bad --memory_budget {text!r}; use a size like 4GiB") from None
+
+
+def prepare(args) -> dict:
+    """Validate the shared flags before anything expensive; returns the resolved settings."""
+    device = args.device or default_device()
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda but no CUDA GPU is visible; use --device cpu")
+    dtype = resolve_dtype(args.dtype, device)
+    base = harness.read_prompts_file(args.prompts_file) if args.prompts_file else None
+    results.check_writable(args.json_out)
+    path = models.resolve_model(args.name)
+    return {"device": device, "dtype": dtype, "base_prompts": base, "path": path,
+            "budget": budget_bytes(args.memory_budget)}
+
+
+def run(args, *, strategy: str, load: Callable, options: dict, world_size: int = 1,
+        generate_fn: Callable | None = None, is_main: bool = True, token_multiplier: int = 1) -> list[dict]:
+    """Validate the shared flags, run :func:`bloomkit.bench.run_variant`, write and print.
+
+    ``load(path, dtype, device)`` returns the model; see ``run_variant`` for the rest.
+    """
+    s = prepare(args)
+    records = bench.run_variant(
+        strategy=strategy, name=args.name, path=s["path"], dtype=s["dtype"], device=s["device"],
+        batch_sizes=args.batch_size, max_new_tokens=args.max_new_tokens, load=load,
+        options=options, prompts=s["base_prompts"], cycles=args.cycles if args.benchmark else None,
+        verify=args.verify and is_main, budget=s["budget"], world_size=world_size,
+        generate_fn=generate_fn, token_multiplier=token_multiplier)
+    if is_main:
+        if args.json_out:
+            results.write_json(args.json_out, records[0] if len(records) == 1 else records)
+        for r in records:
+            print(summary_line(r), flush=True)
+    return records
+
+
+def summary_line(r: dict) -> str:
+    head = f"{r['strategy']} {r['model']} {r['dtype']} ws={r['world_size']} bs={r['batch_size']}"
+    if r["status"] != "ok":
+        return f"{head}: {r['status']}"
+    parts = [head, f"load {r['load_seconds']:.2f}s"]
+    if isinstance(r["ms_per_token"], float):
+        parts.append(f"{r['ms_per_token']:.3f} ms/token")
+    q = r.get("quality")
+    if q:
+        parts.append(f"identical={q['identical']} token_match={q['token_match']:.3f} "
+                     f"top1={q['teacher_forced_top1']:.3f}")
+    parts.append(f"first row: {r['texts'][0][:60]!r}")
+    return " | ".join(parts)

@@ -1,0 +1,215 @@
+"""The one benchmark harness every strategy goes through (the blog's method).
+
+* Prompts: the blog's 8 fixed prompts, repeated until there are ``batch_size`` of them.
+* Decoding: greedy, KV cache on, exactly ``max_new_tokens`` new tokens per row (EOS is
+  suppressed with ``min_new_tokens`` so every row does the same work).
+* Throughput: wall time of the whole ``generate`` call *including tokenization*, divided
+  by ``batch_size * max_new_tokens``, after one warm-up call, over ``cycles`` calls.
+* Load: "start to ready" seconds, measured by the caller around its load step.
+* Memory: peak process RSS sampled while generating, plus CUDA max allocated on GPUs.
+"""
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .errors import UserError
+
+STANDARD_PROMPTS = [
+    "DeepSpeed is a machine learning framework",
+    "He is working on",
+    "He has a",
+    "He got all",
+    "Everyone is happy and I can",
+    "The new movie that got Oscar this year",
+    "In the far far distance from our galaxy,",
+    "Peace is the only way",
+]
+
+
+def make_prompts(batch_size: int, prompts: list[str] | None = None) -> list[str]:
+    """``prompts`` (default: the blog's 8) repeated until there are ``batch_size`` rows."""
+    if batch_size <= 0:
+        raise UserError(f"batch size must be a positive integer, got {batch_size}; "
+                        "pass --batch_size 1 or more")
+    base = list(prompts or STANDARD_PROMPTS)
+    if not base:
+        raise UserError("no prompts given; put one prompt per line in --prompts_file")
+    return [base[i % len(base)] for i in range(batch_size)]
+
+
+def read_prompts_file(path: str | Path) -> list[str]:
+    """One prompt per line; blank lines are skipped."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"prompts file {path} does not exist; pass --prompts_file to a text file "
+                        "with one prompt per line")
+    lines = [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    if not lines:
+        raise UserError(f"prompts file {path} is empty; put one prompt per line in it")
+    return lines
+
+
+def greedy_kwargs(max_new_tokens: int, tokenizer=None) -> dict:
+    """``generate`` arguments for the blog's decoding: greedy, exactly N new tokens."""
+    if max_new_tokens <= 0:
+        raise UserError(f"max_new_tokens must be positive, got {max_new_tokens}; "
+                        "pass --max_new_tokens 1 or more")
+    kw = dict(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False,
+              num_beams=1, use_cache=True)
+    if tokenizer is not None:
+        kw["pad_token_id"] = tokenizer.pad_token_id
+    return kw
+
+
+@dataclass
+class Generation:
+    prompts: list[str]
+    tokens: list[list[int]]          # new token ids per row, prompt excluded
+    texts: list[str]                 # decoded new tokens per row
+    scores: list | None = None       # per-step logits (only when asked for)
+
+
+def input_device(model):
+    """Where the inputs must go: the device of the embedding (first module of a device map)."""
+    import torch
+
+    dev = getattr(model, "device", None)
+    hf_map = getattr(model, "hf_device_map", None)
+    if hf_map:
+        first = next(iter(hf_map.values()))
+        if isinstance(first, int):
+            return torch.device("cuda", first)
+        if first in ("cpu", "disk"):
+            return torch.device("cpu")
+        return torch.device(first)
+    return dev if dev is not None else torch.device("cpu")
+
+
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, *, device=None,
+             return_scores: bool = False, **extra) -> Generation:
+    """Tokenize (left-padded), greedy-generate exactly ``max_new_tokens``, detokenize."""
+    import torch
+
+    device = device if device is not None else input_device(model)
+    inputs = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
+    kw = greedy_kwargs(max_new_tokens, tokenizer)
+    kw.update(extra)
+    if return_scores:
+        kw.update(output_scores=True, return_dict_in_generate=True)
+    with torch.inference_mode():
+        out = model.generate(**inputs, **kw)
+    seqs = out.sequences if return_scores else out
+    new = seqs[:, inputs["input_ids"].shape[1]:].tolist()
+    texts = tokenizer.batch_decode(new, skip_special_tokens=True)
+    scores = [s.float().cpu() for s in out.scores] if return_scores else None
+    return Generation(prompts=list(prompts), tokens=new, texts=texts, scores=scores)
+
+
+class PeakRSS:
+    """Context manager sampling this process's resident memory; ``.peak`` in bytes.
+
+    ``ru_maxrss`` only knows the peak of the whole process life, which a sweep cannot
+    attribute to one batch size, so a thread samples RSS every few milliseconds instead.
+    """
+
+    def __init__(self, interval: float = 0.005):
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+
+    def _run(self):
+        import psutil
+
+        proc = psutil.Process()
+        while not self._stop.is_set():
+            self.peak = max(self.peak, proc.memory_info().rss)
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        import psutil
+
+        self.peak = psutil.Process().memory_info().rss
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        return False
+
+
+def cuda_sync():
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+@dataclass
+class Timing:
+    cycle_seconds: list[float]
+    ms_per_token: float
+    peak_rss_bytes: int
+    cuda_max_allocated_bytes: int | None
+    generation: Generation = field(repr=False)
+
+
+def time_generation(run: Callable[[], Generation], *, batch_size: int, max_new_tokens: int,
+                    cycles: int = 5, warmup: int = 1, progress: bool = False) -> Timing:
+    """The blog's timing: ``warmup`` untimed calls, then ``cycles`` timed calls.
+
+    ``run`` must do the whole request (tokenize, generate, detokenize).  The result's
+    ``ms_per_token`` is the *median* cycle time / (batch * new tokens); all cycle times
+    are kept so a reader can see the spread.
+    """
+    import torch
+
+    if cycles <= 0:
+        raise UserError(f"cycles must be positive, got {cycles}; pass --cycles 1 or more")
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    gen = None
+    with PeakRSS() as rss:
+        for _ in range(warmup):
+            gen = run()
+        times = []
+        it = range(cycles)
+        if progress:
+            from tqdm.auto import tqdm
+            it = tqdm(it, desc=f"bs={batch_size}", leave=False)
+        for _ in it:
+            cuda_sync()
+            t0 = time.perf_counter()
+            gen = run()
+            cuda_sync()
+            times.append(time.perf_counter() - t0)
+    per_token = statistics.median(times) * 1000.0 / (batch_size * max_new_tokens)
+    return Timing(cycle_seconds=times, ms_per_token=per_token, peak_rss_bytes=rss.peak,
+                  cuda_max_allocated_bytes=torch.cuda.max_memory_allocated() if cuda else None,
+                  generation=gen)
+
+
+class LoadTimer:
+    """``with LoadTimer() as t: model = load(...)`` -> ``t.seconds`` ("start to ready")."""
+
+    def __enter__(self):
+        self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        cuda_sync()
+        self.seconds = time.perf_counter() - self._t0
+        return False
+
+
+def is_oom(exc: BaseException) -> bool:
+    name = type(exc).__name__
+    return isinstance(exc, MemoryError) or name == "OutOfMemoryError" or \
+        "out of memory" in str(exc).lower()

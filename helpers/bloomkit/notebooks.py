@@ -1,0 +1,157 @@
+"""Run the notebooks headless (papermill), the way ``make run`` and the tests do.
+
+* Each notebook has one cell tagged ``parameters``; papermill injects overrides after it.
+  Papermill only *warns* about names the notebook does not define, which lets a typo in a
+  CI job silently run the default; :func:`check_parameters` makes that an error.
+* Profiles (``profiles/<name>.yaml``) hold the overrides for one target machine:
+  ``common`` (every notebook), and ``notebooks: {<stem>: {...}}`` for one notebook.
+* Each notebook writes its result records to ``RESULTS_PATH`` (JSON lines); the runner
+  passes one per notebook and gathers them into ``results.jsonl``.
+
+Command line: ``python -m bloomkit.notebooks --profile cpu-tiny --out runs/cpu-tiny``.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import sys
+import time
+from pathlib import Path
+
+from .errors import UserError, cli_entry
+
+ROOT = Path(__file__).resolve().parents[2]
+NOTEBOOK_DIR = ROOT / "notebooks"
+PROFILE_DIR = ROOT / "profiles"
+KERNEL = "bloomkit"
+
+
+def notebooks() -> list[Path]:
+    return sorted(NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb"))
+
+
+def parameters_of(path: str | Path) -> dict:
+    """Names and default values assigned in the notebook's ``parameters`` cell."""
+    nb = json.loads(Path(path).read_text())
+    for cell in nb["cells"]:
+        if "parameters" in cell.get("metadata", {}).get("tags", []):
+            src = "".join(cell["source"])
+            out = {}
+            for node in ast.parse(src).body:
+                if isinstance(node, ast.Assign):
+                    for t in node.targets:
+                        if isinstance(t, ast.Name):
+                            out[t.id] = ast.literal_eval(node.value)
+            return out
+    raise UserError(f"{path} has no cell tagged 'parameters'; tag one in Jupyter "
+                    "(View > Cell toolbar > Tags)")
+
+
+def check_parameters(path: str | Path, params: dict) -> None:
+    known = parameters_of(path)
+    unknown = sorted(set(params) - set(known))
+    if unknown:
+        raise UserError(f"{Path(path).name} has no parameter(s) {', '.join(unknown)}; "
+                        f"its parameters are: {', '.join(sorted(known))}")
+
+
+def load_profile(name: str) -> dict:
+    """``{"common": {...}, "notebooks": {stem: {...}}}`` from ``profiles/<name>.yaml``."""
+    import yaml
+
+    path = PROFILE_DIR / f"{name}.yaml"
+    if not path.exists():
+        have = ", ".join(sorted(p.stem for p in PROFILE_DIR.glob("*.yaml")))
+        raise UserError(f"unknown profile {name!r}; use one of: {have}")
+    data = yaml.safe_load(path.read_text()) or {}
+    extra = set(data) - {"common", "notebooks", "description"}
+    if extra:
+        raise UserError(f"{path.name}: unknown top-level keys {sorted(extra)}; use common, "
+                        "notebooks, description")
+    return {"common": data.get("common") or {}, "notebooks": data.get("notebooks") or {},
+            "description": data.get("description", "")}
+
+
+def profile_parameters(profile: dict, nb_path: Path) -> dict:
+    params = dict(profile["common"])
+    params.update(profile["notebooks"].get(nb_path.stem, {}) or {})
+    return params
+
+
+def kernel_name() -> str:
+    """The project's kernel when installed (``make setup`` does), else the default one."""
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    return KERNEL if KERNEL in KernelSpecManager().find_kernel_specs() else "python3"
+
+
+def execute(path: str | Path, out: str | Path, parameters: dict | None = None,
+            prepare_only: bool = False, timeout: int | None = None) -> Path:
+    """Execute notebook ``path`` into ``out`` with ``parameters`` (checked first)."""
+    import papermill as pm
+
+    params = dict(parameters or {})
+    check_parameters(path, params)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    pm.execute_notebook(str(path), str(out), parameters=params, kernel_name=kernel_name(),
+                        cwd=str(Path(path).parent), progress_bar=False,
+                        prepare_only=prepare_only, execution_timeout=timeout)
+    return out
+
+
+def to_html(nb_path: Path) -> Path:
+    from nbconvert import HTMLExporter
+
+    body, _ = HTMLExporter().from_filename(str(nb_path))
+    html = nb_path.with_suffix(".html")
+    html.write_text(body)
+    return html
+
+
+def run_profile(profile_name: str, out_dir: str | Path, only: list[str] | None = None) -> list[dict]:
+    """Execute every notebook with one profile; returns the gathered result records."""
+    from tqdm.auto import tqdm
+
+    from .results import read_records, write_json
+
+    profile = load_profile(profile_name)
+    out_dir = Path(out_dir).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [p for p in notebooks() if not only or any(p.stem.startswith(o) for o in only)]
+    for p in paths:  # check every notebook's parameters before spending time on any
+        check_parameters(p, profile_parameters(profile, p))
+    records, summary = [], []
+    for p in tqdm(paths, desc=f"notebooks ({profile_name})", unit="nb"):
+        res = out_dir / f"{p.stem}.jsonl"
+        res.unlink(missing_ok=True)
+        params = profile_parameters(profile, p)
+        params["RESULTS_PATH"] = str(res)
+        t0 = time.perf_counter()
+        executed = execute(p, out_dir / p.name, params)
+        to_html(executed)
+        got = read_records(res) if res.exists() else []
+        records.extend(got)
+        summary.append({"notebook": p.name, "seconds": round(time.perf_counter() - t0, 1),
+                        "records": len(got)})
+        print(f"  {p.name}: {summary[-1]['seconds']} s, {len(got)} result records", flush=True)
+    (out_dir / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    write_json(out_dir / "summary.json", {"profile": profile_name, "notebooks": summary})
+    return records
+
+
+@cli_entry
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Execute the notebooks headless with a profile.")
+    p.add_argument("--profile", default="cpu-tiny")
+    p.add_argument("--out", default=None, help="default: runs/<profile>")
+    p.add_argument("--only", nargs="*", help="notebook name prefixes, e.g. 01 02")
+    args = p.parse_args(argv)
+    out = args.out or f"runs/{args.profile}"
+    run_profile(args.profile, out, args.only)
+    print(f"results: {out}/results.jsonl; executed notebooks and HTML in {out}/")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""Is a strategy's output the reference output?  Token agreement and logit error.
+
+Correctness rule of this project: in fp32 every strategy must produce exactly the token
+ids of plain ``model.generate``.  Greedy decoding on a random model can still flip when the
+two best logits are nearly equal (a *tie*): then tiny rounding differences pick another
+token.  :func:`compare_tokens` therefore records, for each row that differs, the
+reference's top-1/top-2 logit margin at the first differing step, so a test can tell a
+real mismatch (large margin) from a tie (margin below ``tie_tol``).
+
+Quantized strategies are not expected to be identical; they report ``token_match``,
+teacher-forced top-1 agreement and logit error against the reference.
+"""
+from __future__ import annotations
+
+from .harness import Generation
+
+
+def margins(scores) -> list[list[float]]:
+    """Per row, per step: top-1 minus top-2 logit of the reference's scores."""
+    import torch
+
+    out = []
+    stacked = torch.stack(scores, dim=1)  # [B, steps, V]
+    top = stacked.topk(2, dim=-1).values
+    diff = (top[..., 0] - top[..., 1]).tolist()
+    for row in diff:
+        out.append(row)
+    return out
+
+
+def compare_tokens(reference: Generation, tokens: list[list[int]], tie_tol: float = 1e-4) -> dict:
+    """Compare generated ``tokens`` with the ``reference`` generation, row by row."""
+    if len(tokens) != len(reference.tokens):
+        raise ValueError(f"{len(tokens)} rows vs {len(reference.tokens)} reference rows")
+    marg = margins(reference.scores) if reference.scores is not None else None
+    total = same = rows_same = 0
+    mismatches = []
+    for i, (ref, got) in enumerate(zip(reference.tokens, tokens)):
+        n = min(len(ref), len(got))
+        eq = [a == b for a, b in zip(ref[:n], got[:n])]
+        total += len(ref)
+        same += sum(eq)
+        if ref == got:
+            rows_same += 1
+            continue
+        step = eq.index(False) if False in eq else n
+        margin = marg[i][step] if marg is not None and step < len(marg[i]) else None
+        mismatches.append({"row": i, "step": step, "ref_margin": margin,
+                           "tie": margin is not None and margin < tie_tol})
+    real = [m for m in mismatches if not m["tie"]]
+    return {"identical": not mismatches, "rows": len(tokens), "rows_identical": rows_same,
+            "token_match": same / total if total else 1.0, "ties": len(mismatches) - len(real),
+            "real_mismatches": len(real), "mismatches": mismatches,
+            "min_ref_margin": min(min(r) for r in marg) if marg else None}
+
+
+def sequence_logits(model, tokenizer, prompts: list[str], new_tokens: list[list[int]], device=None):
+    """Logits that predict each of ``new_tokens`` given the prompt and earlier new tokens
+    (teacher forcing), as a float32 CPU tensor ``[batch, n_new, vocab]``."""
+    import torch
+
+    from .harness import input_device
+
+    device = device if device is not None else input_device(model)
+    enc = tokenizer(prompts, return_tensors="pt", padding=True)
+    new = torch.tensor(new_tokens, dtype=enc["input_ids"].dtype)
+    ids = torch.cat([enc["input_ids"], new], dim=1).to(device)
+    mask = torch.cat([enc["attention_mask"], torch.ones_like(new)], dim=1).to(device)
+    with torch.inference_mode():
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    n = new.shape[1]
+    return logits[:, -n - 1:-1, :].float().cpu()
+
+
+def logit_agreement(ref_logits, logits) -> dict:
+    """Teacher-forced top-1 agreement and logit errors of ``logits`` against ``ref_logits``."""
+    diff = (logits - ref_logits)
+    return {
+        "teacher_forced_top1": (logits.argmax(-1) == ref_logits.argmax(-1)).float().mean().item(),
+        "logit_max_abs_err": diff.abs().max().item(),
+        "logit_rel_rms_err": (diff.pow(2).mean().sqrt() / ref_logits.pow(2).mean().sqrt()).item(),
+    }
+
+
+def quality_report(reference: Generation, ref_logits, generation: Generation, model, tokenizer) -> dict:
+    """Everything we say about a strategy's output quality, in one dict for the record."""
+    rep = compare_tokens(reference, generation.tokens)
+    rep.update(logit_agreement(ref_logits, sequence_logits(model, tokenizer, reference.prompts,
+                                                           reference.tokens)))
+    rep["reference"] = "plain fp32 model.generate"
+    return rep

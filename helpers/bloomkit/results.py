@@ -1,0 +1,148 @@
+"""The result record: one JSON object per run, shared by every strategy.
+
+Fields (all strategies): ``strategy, model, dtype, world_size, batch_size, max_new_tokens,
+cycles, status`` (``ok`` or ``oom``), ``load_seconds, ms_per_token, cycle_seconds,
+peak_rss_bytes, cuda_max_allocated_bytes, prompts`` (input text of each row), ``tokens``
+(new token ids of each row, prompt excluded), ``texts, options`` (strategy flags),
+``quality`` (agreement with a reference, when measured), ``hardware, versions, created``.
+
+Files are written atomically (temporary file + rename): an interrupted run never
+leaves a half-written record behind.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from . import sysinfo
+from .errors import UserError
+
+OOM = "oom"
+
+
+def make_record(*, strategy: str, model: str, dtype: str, batch_size: int, max_new_tokens: int,
+                load_seconds: float | None, timing=None, generation=None, world_size: int = 1,
+                cycles: int | None = None, options: dict | None = None, quality: dict | None = None,
+                status: str = "ok", error: str | None = None) -> dict:
+    gen = generation if generation is not None else (timing.generation if timing else None)
+    rec = {
+        "strategy": strategy, "model": model, "dtype": dtype, "world_size": world_size,
+        "batch_size": batch_size, "max_new_tokens": max_new_tokens, "cycles": cycles,
+        "status": status, "load_seconds": load_seconds,
+        "ms_per_token": timing.ms_per_token if timing else (OOM if status == OOM else None),
+        "cycle_seconds": timing.cycle_seconds if timing else None,
+        "peak_rss_bytes": timing.peak_rss_bytes if timing else None,
+        "cuda_max_allocated_bytes": timing.cuda_max_allocated_bytes if timing else None,
+        "prompts": gen.prompts if gen else None,
+        "tokens": gen.tokens if gen else None,
+        "texts": gen.texts if gen else None,
+        "options": options or {}, "quality": quality,
+        "hardware": sysinfo.hardware(), "versions": sysinfo.versions(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    if error:
+        rec["error"] = error
+    return rec
+
+
+def check_writable(path: str | Path | None) -> None:
+    """Fail *before* the expensive work if the result file cannot be written."""
+    if path is None:
+        return
+    parent = Path(path).expanduser().resolve().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create {parent} for {path} ({exc.strerror}); pass --json_out "
+                        "to a writable location") from None
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"{parent} is not writable; pass --json_out to a writable location")
+
+
+def write_json(path: str | Path, obj) -> Path:
+    """Write ``obj`` as JSON atomically (never a half-written file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=1)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def append_jsonl(path: str | Path, records) -> Path:
+    """Append records to a JSON-lines file (rewritten atomically)."""
+    path = Path(path)
+    old = path.read_text() if path.exists() else ""
+    new = "".join(json.dumps(r) + "\n" for r in (records if isinstance(records, list) else [records]))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(old + new)
+    os.replace(tmp, path)
+    return path
+
+
+def read_records(path: str | Path) -> list[dict]:
+    """Records from a ``.json`` file (one record or a list) or a ``.jsonl`` file."""
+    path = Path(path)
+    text = path.read_text()
+    if path.suffix == ".jsonl":
+        return [json.loads(ln) for ln in text.splitlines() if ln.strip()]
+    obj = json.loads(text)
+    return obj if isinstance(obj, list) else [obj]
+
+
+def to_frame(records):
+    """A pandas table, one row per record, with the columns a reader compares."""
+    import pandas as pd
+
+    rows = []
+    for r in records:
+        rows.append({
+            "strategy": r["strategy"], "model": r["model"], "dtype": r["dtype"],
+            "world_size": r["world_size"], "batch_size": r["batch_size"],
+            "new_tokens": r["max_new_tokens"], "status": r["status"],
+            "load_s": r["load_seconds"], "ms_per_token": r["ms_per_token"],
+            "peak_rss_MiB": None if r.get("peak_rss_bytes") is None else r["peak_rss_bytes"] / 2**20,
+            **{k: v for k, v in (r.get("options") or {}).items() if isinstance(v, (str, int, float))},
+        })
+    return pd.DataFrame(rows)
+
+
+def blog_table(records, index="strategy"):
+    """The blog's layout: ms/token by strategy (rows) x batch size (columns), ``oom`` cells."""
+    df = to_frame(records)
+    cell = df["ms_per_token"].map(lambda v: OOM if v == OOM else (None if v is None else round(float(v), 3)))
+    df = df.assign(cell=cell)
+    return df.pivot_table(index=index, columns="batch_size", values="cell", aggfunc="first")
+
+
+def plot_ms_per_token(records, ax=None, label_key="strategy"):
+    """ms/token against batch size, one line per ``label_key``; ``oom`` points are left out."""
+    import matplotlib.pyplot as plt
+
+    ax = ax or plt.subplots(figsize=(6, 4))[1]
+    groups: dict[str, list] = {}
+    for r in records:
+        label = r.get(label_key) if label_key in r else r["options"].get(label_key)
+        groups.setdefault(str(label), []).append(r)
+    for label, rs in groups.items():
+        pts = sorted((r["batch_size"], r["ms_per_token"]) for r in rs if r["status"] == "ok")
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("ms per token (lower is better)")
+    ax.legend()
+    ax.grid(True, which="both", alpha=0.3)
+    return ax

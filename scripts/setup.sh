@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Bootstrap everything `make run` / `make test` need; quick when already done.
+#   .venv with the pinned packages, bloomkit installed editable, the Jupyter kernel
+#   "bloomkit", and libaio-dev (DeepSpeed's async_io op for ZeRO NVMe offload).
+# Usage: scripts/setup.sh REQUIREMENTS_FILE VENV_DIR [extra pip args...]
+set -euo pipefail
+req=${1:-requirements.txt}; venv=${2:-.venv}; shift 2 || true
+stamp="$venv/.bloomkit-$(cat "$req" pyproject.toml | sha1sum | cut -c1-12)"
+
+# System library for ZeRO NVMe offload (needs root; otherwise say exactly what to run).
+if ! { [ -e /usr/include/libaio.h ] || ldconfig -p 2>/dev/null | grep -q 'libaio.so '; }; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "setup: installing libaio-dev (ZeRO NVMe offload)"
+    (apt-get install -y -q libaio-dev >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q libaio-dev >/dev/null; }) \
+      || echo "setup: could not install libaio-dev; NVMe offload tests will fail. Run: apt-get install libaio-dev" >&2
+  else
+    echo "setup: libaio-dev is missing (ZeRO NVMe offload needs it). Run: sudo apt-get install libaio-dev" >&2
+  fi
+fi
+
+[ -f "$stamp" ] && exit 0
+echo "setup: creating $venv and installing $req (first time only)"
+[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+"$venv/bin/python" -m pip install -q --upgrade pip
+"$venv/bin/python" -m pip install -q -r "$req" "$@"
+"$venv/bin/python" -m pip install -q --no-deps -e .
+"$venv/bin/python" -m ipykernel install --sys-prefix --name bloomkit --display-name "Python (bloomkit)" >/dev/null
+rm -f "$venv"/.bloomkit-*
+touch "$stamp"
+echo "setup: done"

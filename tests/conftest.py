@@ -1,0 +1,78 @@
+"""Shared fixtures: the embedded tiny model, the reference generation, recipe runner."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = ROOT / "recipes"
+NOTEBOOKS = ROOT / "notebooks"
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run `make test-gpu` on a GPU machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_path():
+    from bloomkit import models
+
+    return models.resolve_model("tiny")
+
+
+@pytest.fixture(scope="session")
+def small_path():
+    from bloomkit import models
+
+    return models.resolve_model("small")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(tiny_path), dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_path):
+    from bloomkit import models
+
+    return models.load_tokenizer(tiny_path)
+
+
+def run_script(args: list[str], *, timeout: int = 300, env: dict | None = None,
+               cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run a command (a recipe: ``["recipes/x.py", ...]``) and capture its output."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    cmd = [sys.executable, *args] if args[0].endswith(".py") else args
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env,
+                          cwd=str(cwd or ROOT))
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
+    """A bad-input run: non-zero exit, no traceback, one ``error:`` line naming the fix."""
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error")]
+    assert errors, proc.stderr
+    for n in needles:
+        assert n.lower() in errors[-1].lower(), errors[-1]
+    return errors[-1]
+
+
+def read_json(path: Path):
+    return json.loads(Path(path).read_text())
