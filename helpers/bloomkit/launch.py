@@ -1,0 +1,84 @@
+"""Launch a recipe on several ranks from Python (a notebook, a test) and collect its records.
+
+Multi-rank strategies (DeepSpeed-Inference TP, ZeRO with several streams) run as N
+processes started by a launcher: ``deepspeed --num_gpus N`` on GPUs (``--num_accelerators
+N`` on CPU, where the ranks talk over gloo) or ``torchrun --nproc_per_node N``.  A notebook
+cannot *be* those N processes, so it starts the launcher as a subprocess, lets rank 0
+write the result record to a temporary JSON file, and reads it back.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from .errors import UserError
+from .results import read_records
+
+ROOT = Path(__file__).resolve().parents[2]
+RECIPE_DIR = ROOT / "recipes"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launcher_command(script: str | Path, args: list[str], nprocs: int, launcher: str = "deepspeed",
+                     port: int | None = None) -> list[str]:
+    """The command line that starts ``script`` on ``nprocs`` local ranks."""
+    script = str(script)
+    port = port or free_port()
+    bindir = Path(sys.executable).parent
+    if launcher == "deepspeed":
+        return [str(bindir / "deepspeed"), "--num_accelerators", str(nprocs), "--master_port",
+                str(port), "--no_local_rank", script, *args]
+    if launcher == "torchrun":
+        return [str(bindir / "torchrun"), "--nproc_per_node", str(nprocs), "--master_addr",
+                "127.0.0.1", "--master_port", str(port), script, *args]
+    if launcher == "python":
+        if nprocs != 1:
+            raise UserError("launcher 'python' runs one process; use deepspeed or torchrun for more")
+        return [sys.executable, script, *args]
+    raise UserError(f"unknown launcher {launcher!r}; use deepspeed, torchrun or python")
+
+
+def cpu_env(nprocs: int) -> dict:
+    """Environment for CPU ranks: DeepSpeed's CPU accelerator, threads split between ranks."""
+    threads = max(1, (os.cpu_count() or 1) // nprocs)
+    return {"DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": str(threads)}
+
+
+def launch(script: str | Path, args: list[str], nprocs: int = 1, *, launcher: str = "deepspeed",
+           device: str = "cpu", timeout: int = 600, env: dict | None = None,
+           check: bool = True) -> subprocess.CompletedProcess:
+    """Run ``script`` on ``nprocs`` ranks and wait; raises with the ranks' last error line
+    when ``check`` and the launch fails."""
+    script = Path(script)
+    if not script.is_absolute():
+        script = RECIPE_DIR / script if (RECIPE_DIR / script).exists() else script
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if device == "cpu":
+        full_env.update(cpu_env(nprocs))
+    full_env.update(env or {})
+    cmd = launcher_command(script, args, nprocs, launcher)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env,
+                          cwd=str(ROOT))
+    if check and proc.returncode != 0:
+        errs = [ln for ln in proc.stderr.splitlines() + proc.stdout.splitlines()
+                if ln.startswith("error")]
+        tail = errs[-1] if errs else (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise UserError(f"{script.name} on {nprocs} rank(s) failed (exit {proc.returncode}): {tail}")
+    return proc
+
+
+def launch_records(script: str | Path, args: list[str], nprocs: int = 1, **kw) -> list[dict]:
+    """:func:`launch` with ``--json_out`` pointed at a temporary file; returns its records."""
+    with tempfile.TemporaryDirectory() as d:
+        out = Path(d) / "records.json"
+        launch(script, [*args, "--json_out", str(out)], nprocs, **kw)
+        return read_records(out)
