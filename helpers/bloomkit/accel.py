@@ -100,6 +100,9 @@ def _quiet():
     warnings.filterwarnings("ignore", message=".*weights are not tied.*")
     logging.getLogger("accelerate.utils.modeling").setLevel(logging.ERROR)
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
 
 def empty_model(config, dtype: str = "bf16"):
@@ -203,6 +206,10 @@ def load_model(path: str | Path, dtype: str = "fp32", *, device_map: str = "auto
             # over cpu, then disk.
             kwargs["device_map"] = "sequential" if device_map != "auto" else "auto"
     if max_memory:
+        gpus = [k for k in max_memory if isinstance(k, int)]
+        if gpus and max(gpus) >= torch.cuda.device_count():
+            raise UserError(f"--max_memory names GPU {max(gpus)} but {torch.cuda.device_count()} "
+                            "GPU(s) are visible; name only visible GPUs (0..N-1) or only cpu")
         kwargs["max_memory"] = max_memory
     folder = check_offload_folder(offload_folder)
     if folder is not None:

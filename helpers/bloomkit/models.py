@@ -56,6 +56,24 @@ PRESETS: dict[str, Preset] = {
 
 HUB_ALIASES = {"bloom": "bigscience/bloom"}
 
+# Real BLOOM shapes (from the published configs), for memory math without any download.
+BLOOM_DIMS = {
+    "bloom-560m": dict(hidden_size=1024, n_layer=24, n_head=16, vocab_size=250880),
+    "bloom-1b1": dict(hidden_size=1536, n_layer=24, n_head=16, vocab_size=250880),
+    "bloom-1b7": dict(hidden_size=2048, n_layer=24, n_head=16, vocab_size=250880),
+    "bloom-3b": dict(hidden_size=2560, n_layer=30, n_head=32, vocab_size=250880),
+    "bloom-7b1": dict(hidden_size=4096, n_layer=30, n_head=32, vocab_size=250880),
+    "bloom": dict(hidden_size=14336, n_layer=70, n_head=112, vocab_size=250880),  # 176B
+}
+
+
+def bloom_config(name: str = "bloom"):
+    """A ``BloomConfig`` with the real shapes of ``name`` (see :data:`BLOOM_DIMS`): enough to
+    plan memory or build the model on the meta device; no weights involved."""
+    from transformers import BloomConfig
+
+    return BloomConfig(**BLOOM_DIMS[name])
+
 
 def cache_root() -> Path:
     """Where generated models live: ``$BLOOMKIT_CACHE`` or ``~/.cache/bloomkit``."""
