@@ -18,6 +18,17 @@ if ! { [ -e /usr/include/libaio.h ] || ldconfig -p 2>/dev/null | grep -q 'libaio
   fi
 fi
 
+# Headless Chromium: the test that opens the HTML report the way a reader would.
+if ! command -v chromium >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "setup: installing chromium (headless check of the HTML report)"
+    (apt-get install -y -q chromium >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; }) \
+      || echo "setup: could not install chromium; the report test will fail. Run: apt-get install chromium" >&2
+  else
+    echo "setup: headless Chromium is missing (report test). Run: sudo apt-get install chromium" >&2
+  fi
+fi
+
 [ -f "$stamp" ] && exit 0
 echo "setup: creating $venv and installing $req (first time only)"
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
@@ -25,6 +36,16 @@ echo "setup: creating $venv and installing $req (first time only)"
 "$venv/bin/python" -m pip install -q -r "$req" "$@"
 "$venv/bin/python" -m pip install -q --no-deps -e .
 "$venv/bin/python" -m ipykernel install --sys-prefix --name bloomkit --display-name "Python (bloomkit)" >/dev/null
+# DeepSpeed JIT-compiles its C++ ops on first use (async_io for NVMe offload, the shared-memory
+# all-reduce for CPU ranks): minutes on a small machine. Build them once here; they are cached
+# under ~/.cache/torch_extensions (or $TORCH_EXTENSIONS_DIR).
+echo "setup: building DeepSpeed's CPU ops once (async_io, shm comm; a few minutes; cached)"
+DS_ACCELERATOR=cpu "$venv/bin/python" - <<'PY' >/dev/null 2>&1 || echo "setup: could not prebuild DeepSpeed's ops (needs g++ and libaio-dev); the first run that needs them builds them" >&2
+from deepspeed.accelerator import get_accelerator
+acc = get_accelerator()
+for name in ("AsyncIOBuilder", "ShareMemCommBuilder"):
+    acc.create_op_builder(name).load(verbose=False)
+PY
 rm -f "$venv"/.bloomkit-*
 touch "$stamp"
 echo "setup: done"

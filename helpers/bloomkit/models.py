@@ -172,14 +172,11 @@ def build_model(name: str, out: Path) -> Path:
     return out
 
 
-def ensure_preset(name: str) -> Path:
-    """Return the cached directory of preset ``name``, building it on first use.
-
-    Safe to call from several ranks at once: one builds under a file lock, the others wait.
-    """
+def _ensure(path: Path, build) -> Path:
+    """Build into ``path`` once (``build(tmp_dir)``), atomically, under a file lock: several
+    ranks may ask at the same time; one builds, the others wait and reuse it."""
     from filelock import FileLock
 
-    path = preset_path(name)
     if (path / "bloomkit_recipe.json").exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -188,22 +185,78 @@ def ensure_preset(name: str) -> Path:
             return path
         tmp = Path(tempfile.mkdtemp(prefix=path.name + ".", dir=path.parent))
         try:
-            build_model(name, tmp)
+            build(tmp)
             os.replace(tmp, path)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 
+def ensure_preset(name: str) -> Path:
+    """The cached directory of preset ``name``, built on first use."""
+    return _ensure(preset_path(name), lambda tmp: build_model(name, tmp))
+
+
+# ------------------------------------------------------- random weights of a real BLOOM's shape
+
+RANDOM_TOKENIZER_VOCAB = 8192
+
+
+def random_path(name: str) -> Path:
+    recipe = {"build": BUILD_VERSION, "random": name, "tokenizer_vocab": RANDOM_TOKENIZER_VOCAB,
+              **BLOOM_DIMS[name]}
+    digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
+    return cache_root() / "models" / f"{name}-random-{digest}"
+
+
+def build_random_bloom(name: str, out: Path, dtype: str = "bf16", init_std: float = 0.02,
+                       seed: int = 1234) -> Path:
+    """Random weights with the exact shapes of ``name`` (e.g. ``bloom-7b1``), in ``dtype``:
+    timings mean the same as with the real checkpoint, the text does not.  Built on the GPU
+    when there is one (seconds for 7B), else on the CPU."""
+    import torch
+    from transformers import BloomConfig, BloomForCausalLM
+
+    from .dtypes import torch_dtype
+
+    tok = build_tokenizer(RANDOM_TOKENIZER_VOCAB, seed=seed)
+    config = BloomConfig(**BLOOM_DIMS[name], initializer_range=init_std, bos_token_id=1,
+                         eos_token_id=2, pad_token_id=3)
+    torch.manual_seed(seed)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = BloomForCausalLM._from_config(config, dtype=torch_dtype(dtype)).eval()
+    with torch.no_grad():  # ids the tokenizer lacks get zero embeddings: greedy never picks them
+        model.transformer.word_embeddings.weight[RANDOM_TOKENIZER_VOCAB:] = 0
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, max_shard_size="2GB", safe_serialization=True)
+    _save_tokenizer(tok, out)
+    (out / "bloomkit_recipe.json").write_text(json.dumps(
+        {"random": name, "dtype": dtype, "init_std": init_std}) + "\n")
+    return out
+
+
+def ensure_random(name: str) -> Path:
+    return _ensure(random_path(name), lambda tmp: build_random_bloom(name, tmp))
+
+
 def resolve_model(name: str) -> Path:
     """Turn a model name into a local directory that ``from_pretrained`` can read.
 
-    ``name`` is a preset (``tiny``, ``small``, ``bench``), a local directory holding a
+    ``name`` is a preset (``tiny``, ``small``, ``bench``), a real BLOOM's name such as
+    ``bloom-7b1`` (its cached checkpoint, else random weights of its shape), a local directory holding a
     Hugging Face checkpoint, or a hub id such as ``bigscience/bloom`` that must already be
     in the local Hugging Face cache (nothing is downloaded here).
     """
     if name in PRESETS:
         return ensure_preset(name)
+    if name in BLOOM_DIMS and name != "bloom":
+        # the real checkpoint when it is cached, else random weights of the same shape
+        from huggingface_hub import snapshot_download
+
+        try:
+            return Path(snapshot_download(f"bigscience/{name}", local_files_only=True))
+        except Exception:  # noqa: BLE001 - not cached
+            return ensure_random(name)
     path = Path(name).expanduser()
     if path.exists():
         if not path.is_dir() or not (path / "config.json").exists():

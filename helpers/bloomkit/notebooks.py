@@ -138,6 +138,9 @@ def run_profile(profile_name: str, out_dir: str | Path, only: list[str] | None =
         print(f"  {p.name}: {summary[-1]['seconds']} s, {len(got)} result records", flush=True)
     (out_dir / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     write_json(out_dir / "summary.json", {"profile": profile_name, "notebooks": summary})
+    from .report import write_report
+
+    print(f"  report: {write_report(out_dir)['html']}", flush=True)
     return records
 
 
@@ -150,7 +153,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     out = args.out or f"runs/{args.profile}"
     run_profile(args.profile, out, args.only)
-    print(f"results: {out}/results.jsonl; executed notebooks and HTML in {out}/")
+    print(f"results: {out}/results.jsonl; report: {out}/report.md (+ .html, .png); "
+          f"executed notebooks and HTML in {out}/")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,324 @@
+"""Memory planner: will a model fit, where, and with how large a batch, for each strategy?
+
+Plain arithmetic over the model's shape (see :mod:`bloomkit.memory`), no GPU needed:
+
+* **weights per device** — the whole model's bytes divided over the devices that hold them;
+* **KV-cache bytes per token** — what every prompt or generated token keeps, per device;
+* **largest batch** — what is left on a device after its weights and a reserve, divided by
+  what one more row of the batch needs there (its KV cache over the whole sequence plus its
+  share of the transient activations and logits);
+* **which strategies fit at all**, and where the weights live (GPU, CPU RAM, NVMe).
+
+The three strategies place memory differently:
+
+``accelerate`` (pipeline)
+    blocks spread over the GPUs (a balanced device map); every GPU keeps the KV cache of its
+    own blocks.  What does not fit can be offloaded to CPU RAM, then disk (slowly).
+``ds-inference`` (tensor parallel, TP degree = GPU count)
+    every weight matrix is split over the GPUs, and so is the KV cache (by attention head).
+    The TP degree must divide the number of heads; nothing is offloaded.
+``ds-zero`` (ZeRO-3 inference with parameter offload)
+    parameters live in CPU RAM (or on NVMe) and stream to the GPU one module at a time;
+    each GPU runs its *own* batch, so it holds only the largest module, the prefetch bucket,
+    and the full KV cache of its stream.
+
+These are lower bounds on the memory a run needs: real runs also lose memory to allocator
+fragmentation and temporary buffers, so a measured out-of-memory can come earlier than the
+largest batch printed here (the ``reserve`` argument is that safety margin).
+"""
+from __future__ import annotations
+
+from . import memory
+from .errors import UserError
+
+STRATEGIES = ("accelerate", "ds-inference", "ds-zero")
+
+# Display names -> keys of bloomkit.models.BLOOM_DIMS (the published BLOOM shapes).
+MODEL_PRESETS = {
+    "BLOOM-560m": "bloom-560m",
+    "BLOOM-1b1": "bloom-1b1",
+    "BLOOM-1b7": "bloom-1b7",
+    "BLOOM-3b": "bloom-3b",
+    "BLOOM-7b1": "bloom-7b1",
+    "BLOOM-176B": "bloom",
+}
+
+# GPU counts a machine comes with (1, 2, 4 or 8 per node; 16 = two nodes).
+GPU_COUNTS = (1, 2, 4, 8, 16)
+
+
+def size_bytes(size) -> int:
+    """``80GB`` (10^9), ``80GiB`` (2^30), ``2TB``, an int of bytes, or 0/None for none."""
+    if size in (None, 0, "0", ""):
+        return 0
+    if isinstance(size, (int, float)):
+        return int(size)
+    from accelerate.utils import convert_file_size_to_int
+
+    text = str(size).strip()
+    for unit, factor in (("TiB", 2**40), ("TB", 10**12)):  # accelerate stops at GB
+        if text.upper().endswith(unit.upper()) and text[:-len(unit)].strip().replace(".", "", 1).isdigit():
+            return int(float(text[:-len(unit)]) * factor)
+    try:
+        return int(convert_file_size_to_int(text))
+    except ValueError:
+        raise UserError(f"bad size {size!r}; write it like 80GB, 80GiB or 512GB") from None
+
+
+def model_dims(model) -> dict:
+    """Shape of ``model``: a preset name (``BLOOM-176B``, ``bloom-7b1``, ...), a dict with
+    ``hidden_size, n_layer, n_head, vocab_size``, or a ``BloomConfig``."""
+    from .models import BLOOM_DIMS
+
+    if isinstance(model, str):
+        key = MODEL_PRESETS.get(model, model)
+        if key not in BLOOM_DIMS:
+            raise UserError(f"unknown model {model!r}; use one of {', '.join(MODEL_PRESETS)} or "
+                            "pass the dimensions (hidden_size, n_layer, n_head, vocab_size)")
+        return dict(BLOOM_DIMS[key])
+    get = model.get if isinstance(model, dict) else lambda k, d=None: getattr(model, k, d)
+    dims = {"hidden_size": get("hidden_size") or get("n_embed"),
+            "n_layer": get("n_layer") or get("num_hidden_layers"),
+            "n_head": get("n_head") or get("num_attention_heads"),
+            "vocab_size": get("vocab_size")}
+    missing = [k for k, v in dims.items() if not v]
+    if missing:
+        raise UserError(f"model dimensions miss {', '.join(missing)}; give hidden_size, n_layer, "
+                        "n_head and vocab_size")
+    return {k: int(v) for k, v in dims.items()}
+
+
+def _extra_per_row(dims: dict, seq_len: int, dtype: str, kv_share: float) -> float:
+    """Bytes one more batch row needs on a device: ``kv_share`` of its KV cache, plus the
+    transient activations and logits of :func:`memory.generate_extra_bytes` (not shared:
+    the device that runs the step needs them whole)."""
+    total = memory.generate_extra_bytes(dims, 1, seq_len, dtype)
+    kv = memory.kv_cache_bytes_per_token(dims, dtype) * seq_len
+    return kv * kv_share + (total - kv)
+
+
+def _max_batch(free: float, per_row: float) -> int:
+    return max(int(free // per_row), 0) if per_row > 0 else 0
+
+
+def plan(model, dtype: str = "bf16", n_gpus: int = 8, gpu_memory="80GB", cpu_ram="512GB",
+         nvme="0", prompt_tokens: int = 16, max_new_tokens: int = 100, reserve="2GiB") -> list[dict]:
+    """One row per strategy: does ``model`` in ``dtype`` fit on ``n_gpus`` x ``gpu_memory``
+    (with ``cpu_ram`` and ``nvme`` for offload), and with what largest batch?
+
+    Sequence length = ``prompt_tokens + max_new_tokens`` (the blog: short prompts, 100 new
+    tokens).  ``reserve`` is kept free on every GPU (CUDA context, kernel workspaces,
+    fragmentation).  Row keys: ``strategy, fits, weights_on, devices,
+    weights_per_device_bytes, kv_bytes_per_token_per_device, max_batch, note``.
+    """
+    dims = model_dims(model)
+    dtype = str(dtype)
+    if dtype not in memory.DTYPE_BYTES:
+        raise UserError(f"unknown dtype {dtype!r}; use one of fp32, bf16, fp16, int8, int4")
+    if int(n_gpus) < 1:
+        raise UserError(f"n_gpus must be at least 1, got {n_gpus}")
+    n = int(n_gpus)
+    gpu, cpu, disk, res = (size_bytes(gpu_memory), size_bytes(cpu_ram), size_bytes(nvme),
+                           size_bytes(reserve))
+    usable = gpu - res
+    seq = int(prompt_tokens) + int(max_new_tokens)
+    w = memory.weight_bytes(dims, dtype)
+    kv = memory.kv_cache_bytes_per_token(dims, dtype)
+    h = dims["hidden_size"]
+    rows = []
+
+    # accelerate: pipeline over n GPUs, then CPU, then disk
+    per_dev = w / n
+    row = {"strategy": "accelerate", "devices": n, "weights_per_device_bytes": per_dev,
+           "kv_bytes_per_token_per_device": kv / n}
+    if per_dev <= usable:
+        per_row = _extra_per_row(dims, seq, dtype, 1 / n)
+        row.update(fits=True, weights_on="gpu", max_batch=_max_batch(usable - per_dev, per_row),
+                   note=f"{n} GPU(s) run one after the other: {n}x the memory, not the speed")
+    else:
+        spill = w - n * max(usable, 0)
+        where = "cpu" if spill <= cpu else ("nvme" if spill <= cpu + disk else None)
+        row.update(fits=where is not None, weights_on=f"gpu+{where}" if where else "-",
+                   weights_per_device_bytes=min(per_dev, max(usable, 0)), max_batch=None,
+                   note=(f"{spill / 1e9:.0f} GB offloaded to {where}: every token reads it again "
+                         "(seconds per token); set max_memory to leave GPU room for the batch"
+                         if where else f"{w / 1e9:.0f} GB of weights exceed GPUs + CPU RAM + NVMe"))
+    rows.append(row)
+
+    # ds-inference: tensor parallel over all n GPUs
+    row = {"strategy": "ds-inference", "devices": n, "weights_per_device_bytes": w / n,
+           "kv_bytes_per_token_per_device": kv / n, "max_batch": None, "weights_on": "-"}
+    if dims["n_head"] % n or h % n:
+        row.update(fits=False, note=f"TP degree {n} must divide the {dims['n_head']} heads and "
+                                    f"hidden size {h}")
+    elif w / n > usable:
+        row.update(fits=False, note=f"{w / n / 1e9:.1f} GB of weights per GPU > "
+                                    f"{usable / 1e9:.1f} GB usable; use more GPUs"
+                                    + (" or int8" if memory.dtype_bytes(dtype) > 1 else ""))
+    else:
+        per_row = _extra_per_row(dims, seq, dtype, 1 / n)
+        row.update(fits=True, weights_on="gpu", max_batch=_max_batch(usable - w / n, per_row),
+                   note=f"every matrix split {n} ways: all GPUs work on every token")
+    rows.append(row)
+
+    # ds-zero: ZeRO-3, parameters partitioned over GPUs or offloaded; one stream per GPU
+    biggest = max(dims["vocab_size"] * h, 4 * h * h) * memory.dtype_bytes(dtype)
+    bucket = 0.9 * h * h * memory.dtype_bytes(dtype)  # stage3_prefetch_bucket_size
+    row = {"strategy": "ds-zero", "devices": n, "kv_bytes_per_token_per_device": kv}
+    if w / n + bucket <= usable:
+        where, working = "gpu", w / n + biggest + bucket
+    elif w <= cpu:
+        where, working = "cpu", biggest + bucket
+    elif w <= disk:
+        where, working = "nvme", biggest + bucket
+    else:
+        where, working = None, None
+    if where is None:
+        row.update(fits=False, weights_on="-", weights_per_device_bytes=None, max_batch=None,
+                   note=f"{w / 1e9:.0f} GB of parameters fit neither CPU RAM nor NVMe")
+    elif working > usable:
+        row.update(fits=False, weights_on=where, weights_per_device_bytes=working, max_batch=None,
+                   note="the largest module does not fit on one GPU")
+    else:
+        per_row = _extra_per_row(dims, seq, dtype, 1.0)
+        per_gpu = _max_batch(usable - working, per_row)
+        row.update(fits=per_gpu > 0, weights_on=where, weights_per_device_bytes=working,
+                   max_batch=per_gpu * n,
+                   note=(f"parameters {'partitioned over the GPUs' if where == 'gpu' else 'offloaded to ' + where}"
+                         f", streamed module by module; {n} stream(s) of {per_gpu} rows"))
+    rows.append(row)
+    for r in rows:
+        r.update(model=model if isinstance(model, str) else "custom", dtype=dtype, n_gpus=n,
+                 weights_total_bytes=w)
+    return rows
+
+
+def fits(model, strategy: str, dtype: str = "bf16", n_gpus: int = 8, gpu_memory="80GB",
+         gpu_only: bool = False, **kw) -> bool:
+    """Does ``strategy`` fit (``gpu_only``: with all weights on GPUs, no offload)?"""
+    if strategy not in STRATEGIES:
+        raise UserError(f"unknown strategy {strategy!r}; use one of {', '.join(STRATEGIES)}")
+    row = next(r for r in plan(model, dtype, n_gpus, gpu_memory, **kw) if r["strategy"] == strategy)
+    return row["fits"] and (not gpu_only or row["weights_on"] == "gpu")
+
+
+def min_gpus(model, strategy: str, dtype: str = "bf16", gpu_memory="80GB", gpu_only: bool = True,
+             counts=GPU_COUNTS, **kw) -> int | None:
+    """The fewest GPUs (from ``counts``: machines come with 1, 2, 4, 8 GPUs) on which
+    ``strategy`` fits; ``None`` if none does."""
+    for n in counts:
+        if fits(model, strategy, dtype, n, gpu_memory, gpu_only=gpu_only, **kw):
+            return n
+    return None
+
+
+def plan_frame(rows: list[dict]):
+    """The plan as a table with GB columns (what the notebook prints)."""
+    import pandas as pd
+
+    df = pd.DataFrame(rows)
+    unit, div = ("GB", 1e9) if df["weights_total_bytes"].max() >= 1e9 else ("MB", 1e6)
+    out = pd.DataFrame({
+        "strategy": df["strategy"], "fits": df["fits"], "weights on": df["weights_on"],
+        f"{unit} per GPU": (df["weights_per_device_bytes"].astype(float) / div).round(1),
+        f"KV {'MB' if unit == 'GB' else 'kB'}/token/GPU":
+            (df["kv_bytes_per_token_per_device"].astype(float) / div * 1e3).round(2),
+        "max batch": df["max_batch"].map(lambda v: "-" if v is None or v != v else int(v)),
+        "why": df["note"],
+    })
+    return out.set_index("strategy")
+
+
+def summary(model, dtype: str = "bf16", gpu_memory="80GB", **kw) -> dict:
+    """Fewest GPUs per strategy: with all weights on GPUs, and (ZeRO/accelerate) with offload."""
+    return {s: {"gpu_only": min_gpus(model, s, dtype, gpu_memory, True, **kw),
+                "with_offload": min_gpus(model, s, dtype, gpu_memory, False, **kw)}
+            for s in STRATEGIES}
+
+
+def config_of(name: str) -> dict:
+    """Dimensions of a model *name* without loading (or building) weights: a planning
+    preset (``BLOOM-176B``), a ``bloom-*`` / ``bigscience/bloom-*`` name, a generated preset
+    (``tiny``, ``small``, ``bench``), else the ``config.json`` of a local or cached checkpoint."""
+    from . import models
+
+    key = MODEL_PRESETS.get(name, name)
+    key = key.split("/", 1)[1] if key.startswith("bigscience/") else key
+    if key in models.BLOOM_DIMS:
+        return dict(models.BLOOM_DIMS[key])
+    if name in models.PRESETS:
+        p = models.PRESETS[name]
+        return {"hidden_size": p.hidden_size, "n_layer": p.n_layer, "n_head": p.n_head,
+                "vocab_size": p.vocab_size}
+    return model_dims(models.load_config(models.resolve_model(name)))
+
+
+def models_frame():
+    """Every planning preset: parameters, weight GB per dtype, KV cache per token."""
+    import pandas as pd
+
+    rows = []
+    for name in MODEL_PRESETS:
+        d = model_dims(name)
+        rows.append({"model": name, **d, "params_B": memory.param_count(d) / 1e9,
+                     "bf16_GB": memory.weight_bytes(d, "bf16") / 1e9,
+                     "int8_GB": memory.weight_bytes(d, "int8") / 1e9,
+                     "KV_MB_per_token_bf16": memory.kv_cache_bytes_per_token(d, "bf16") / 1e6})
+    return pd.DataFrame(rows).set_index("model").round(2)
+
+
+def memory_curve(model, dtype: str = "bf16", n_gpus: int = 8, batch_sizes=(1, 8, 32, 128, 512),
+                 prompt_tokens: int = 16, max_new_tokens: int = 100):
+    """GPU bytes per device against batch size for each strategy that keeps weights on GPU
+    (ZeRO with offload: its working set) — the planner's arithmetic as a table to plot."""
+    import pandas as pd
+
+    dims = model_dims(model)
+    seq = prompt_tokens + max_new_tokens
+    w = memory.weight_bytes(dims, dtype)
+    h = dims["hidden_size"]
+    bytes_ = memory.dtype_bytes(dtype)
+    zero_ws = max(dims["vocab_size"] * h, 4 * h * h) * bytes_ + 0.9 * h * h * bytes_
+    rows = []
+    for bs in batch_sizes:
+        rows.append({"batch_size": bs,
+                     "pipeline / TP (per GPU)": w / n_gpus + bs * _extra_per_row(dims, seq, dtype, 1 / n_gpus),
+                     "ZeRO offload (per GPU, one stream)": zero_ws + bs * _extra_per_row(dims, seq, dtype, 1.0)})
+    return pd.DataFrame(rows).set_index("batch_size") / 1e9
+
+
+def show(model="BLOOM-176B", dtype="bf16", n_gpus=8, gpu_memory="80GB", cpu_ram="512GB", nvme="0"):
+    """Print the plan and the fewest GPUs per strategy (the headless view of the widget)."""
+    from IPython.display import display
+
+    print(f"{model} in {dtype} on {n_gpus} x {gpu_memory} GPU, {cpu_ram} CPU RAM, NVMe {nvme or 0}:")
+    display(plan_frame(plan(model, dtype, n_gpus, gpu_memory, cpu_ram, nvme)))
+    need = summary(model, dtype, gpu_memory, cpu_ram=cpu_ram, nvme=nvme)
+    print("fewest GPUs of", gpu_memory, "(weights on GPUs / with offload):",
+          {s: (v["gpu_only"], v["with_offload"]) for s, v in need.items()})
+
+
+def widget(model="BLOOM-176B", dtype="bf16", n_gpus=8, gpu_memory="80GB", cpu_ram="512GB", nvme="0"):
+    """An ipywidgets front end to :func:`show`; ``None`` when ipywidgets is not installed."""
+    try:
+        import ipywidgets as w
+    except ImportError:
+        return None
+    controls = {
+        "model": w.Dropdown(options=list(MODEL_PRESETS), value=model, description="model"),
+        "dtype": w.Dropdown(options=["fp32", "bf16", "fp16", "int8", "int4"], value=dtype, description="dtype"),
+        "n_gpus": w.Dropdown(options=list(GPU_COUNTS), value=n_gpus, description="GPUs"),
+        "gpu_memory": w.Dropdown(options=["16GB", "24GB", "32GB", "40GB", "48GB", "80GB", "141GB"],
+                                 value=gpu_memory, description="GPU memory"),
+        "cpu_ram": w.Text(value=str(cpu_ram), description="CPU RAM"),
+        "nvme": w.Text(value=str(nvme), description="NVMe"),
+    }
+
+    def safe_show(**kw):
+        try:
+            show(**kw)
+        except Exception as exc:  # noqa: BLE001 - a typo in a text box: say so, keep the widget
+            print(f"error: {exc}")
+
+    out = w.interactive_output(safe_show, controls)
+    return w.VBox([w.HBox(list(controls.values())[:3]), w.HBox(list(controls.values())[3:]), out])

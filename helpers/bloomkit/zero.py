@@ -1,0 +1,558 @@
+"""Strategy 3 (DeepSpeed ZeRO-Inference): ZeRO stage 3 with parameters offloaded to CPU or NVMe.
+
+ZeRO-3 keeps every parameter *partitioned*: each rank holds 1/world_size of each tensor (on
+the device, in CPU memory with ``offload_param.device=cpu``, or in swap files on a disk with
+``device=nvme``).  A forward hook gathers a layer's full weights just before it runs and
+frees them right after, so only a few layers are ever resident.  That makes a model of any
+size run on one device, at the price of moving every weight over the link (PCIe, or the
+disk) once per generated token: offloaded inference is bound by the link's bandwidth and
+wants big batches (the same bytes serve every row of the batch).
+
+What this module does, once for the recipe, the notebook and the tests:
+
+* :func:`ds_config` builds the blog's config from the hidden size (integer bucket sizes,
+  NVMe aio buffers sized from the model, optional 4/8-bit group-wise weight quantization).
+* :func:`check_nvme_path`, :func:`check_async_io`, :func:`plan_nvme_buffers` check an NVMe
+  offload before anything is loaded: the directory exists, is writable, supports
+  ``O_DIRECT`` and has room for the weights; libaio and a compiler are there for DeepSpeed's
+  ``async_io`` op; the pinned aio buffers fit ``ulimit -l``.
+* :func:`load_model` creates ``HfDeepSpeedConfig`` *before* ``from_pretrained`` (so the
+  weights are partitioned/offloaded while they load: ``zero.Init``, the path that works for
+  a model larger than CPU RAM), then ``deepspeed.initialize``.
+* :func:`rank_prompts` / :func:`stream_generate`: with several ranks each rank generates its
+  own prompts (unique streams, ``synced_gpus=True``); rank 0 gathers every stream.
+* :func:`swap_files` / :func:`swap_session`: what is on the disk, and cleaning it up.
+* :func:`read_bandwidth`: the disk's measured ``O_DIRECT`` read bandwidth (the roofline).
+
+Load time (measured on this project's 2-core machine, see notebook 03): the first NVMe run
+spends minutes *inside* ``from_pretrained`` because DeepSpeed JIT-compiles its ``async_io``
+op (g++, about 5 minutes here) the moment ``zero.Init`` creates the first swapper; the op is
+cached under ``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``) afterwards.
+:func:`check_async_io` builds/loads it up front and reports the time separately, so the
+load time of NVMe offload is the real one (a small factor of CPU offload).
+"""
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import harness, memory
+from .errors import UserError
+
+OFFLOAD_MODES = ("none", "cpu", "nvme")
+MIN_AIO_BYTES = 2**20          # DeepSpeed swaps a partition to disk only if it is >= 1 MiB
+AIO_ALIGNED_BYTES = 1024       # ... and pads each one to a multiple of 1 KiB per aio thread
+DEFAULT_BUFFER_COUNT = 5       # DeepSpeed's default: one block's 4 big matrices + 1 prefetched
+AIO = {"block_size": 2**20, "queue_depth": 8, "intra_op_parallelism": 1,
+       "single_submit": False, "overlap_events": True}
+QUANT_BITS = (4, 8)
+SWAP_ROOT = "zero_stage_3"     # DeepSpeed writes DIR/zero_stage_3/<dtype>params/rank<r>/*.swp
+
+
+# ---------------------------------------------------------------------------- flags
+
+def offload_mode(cpu_offload: bool = False, nvme_offload_path=None) -> str:
+    """``none``, ``cpu`` or ``nvme`` from the anchor's two flags (one at most)."""
+    if cpu_offload and nvme_offload_path:
+        raise UserError("use one of --cpu_offload or --nvme_offload_path, not both")
+    return "nvme" if nvme_offload_path else ("cpu" if cpu_offload else "none")
+
+
+def _dims(config):
+    get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
+    return int(get("hidden_size") or get("n_embed")), int(get("vocab_size"))
+
+
+def param_numels(config) -> list[int]:
+    """Element counts of a BLOOM's weight matrices (one block's four + the embedding)."""
+    h, vocab = _dims(config)
+    return [vocab * h, 3 * h * h, h * h, 4 * h * h, 4 * h * h]
+
+
+# ---------------------------------------------------------------------------- NVMe buffers
+
+def locked_memory_limit() -> int | None:
+    """``ulimit -l`` in bytes (``None``: unlimited)."""
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    return None if soft == resource.RLIM_INFINITY else int(soft)
+
+
+def can_lock_beyond_limit() -> bool:
+    """CAP_IPC_LOCK (root in most containers) lets ``mlock`` ignore ``ulimit -l``."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("CapEff:"):
+                return bool(int(line.split()[1], 16) & (1 << 14))
+    except OSError:
+        pass
+    return False
+
+
+@dataclass
+class BufferPlan:
+    buffer_size: int          # elements per buffer: the largest swappable partition, aligned
+    buffer_count: int
+    locked_bytes: int         # buffer_count * buffer_size * element size, page-locked (mlock)
+    memlock_limit: int | None
+    swapped: int              # how many weight matrices go to disk (partition >= 1 MiB)
+
+
+def plan_nvme_buffers(config, dtype: str = "fp32", world_size: int = 1,
+                      buffer_count: int = DEFAULT_BUFFER_COUNT, check_limit: bool = True) -> BufferPlan:
+    """Size DeepSpeed's NVMe read buffers from the model, and check they can be locked.
+
+    DeepSpeed reads swapped partitions into ``buffer_count`` page-locked buffers of
+    ``buffer_size`` elements each; a partition larger than a buffer cannot be swapped in.
+    The anchor's ``buffer_size=4e9`` locks 5 x 8 GB; here a buffer is exactly the largest
+    partition, so the run locks no more than it needs (and fits ``ulimit -l`` when it can).
+    """
+    elem = memory.dtype_bytes(dtype if dtype != "int8" else "fp32")
+    elem = int(elem)
+    parts = [-(-n // world_size) for n in param_numels(config)]
+    swappable = [p for p in parts if p * elem >= MIN_AIO_BYTES]
+    align = AIO_ALIGNED_BYTES * AIO["intra_op_parallelism"] // elem
+    largest = max(swappable) if swappable else MIN_AIO_BYTES // elem
+    size = -(-largest // align) * align
+    locked = buffer_count * size * elem
+    limit = locked_memory_limit()
+    if check_limit and limit is not None and locked > limit and not can_lock_beyond_limit():
+        raise UserError(
+            f"NVMe offload needs {locked / 2**20:.0f} MiB of page-locked aio buffers "
+            f"({buffer_count} x {size * elem / 2**20:.1f} MiB, the model's largest partition) but "
+            f"`ulimit -l` is {limit / 2**20:.0f} MiB; raise it (ulimit -l unlimited, or "
+            "docker run --ulimit memlock=-1), run with more ranks, or use --cpu_offload")
+    get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
+    n_layer = int(get("n_layer") or get("num_hidden_layers"))
+    n_swapped = int(parts[0] * elem >= MIN_AIO_BYTES) + n_layer * sum(
+        p * elem >= MIN_AIO_BYTES for p in parts[1:])
+    return BufferPlan(size, buffer_count, locked, limit, n_swapped)
+
+
+# ---------------------------------------------------------------------------- config
+
+def quant_config(bits: int, group_size: int = 64, mode: str = "quantized_initialization") -> dict:
+    """ZeRO-Inference weight quantization: ``bits``-bit asymmetric, one scale/min per group of
+    ``group_size`` consecutive weights of a row (``group_dim`` 1)."""
+    if bits not in QUANT_BITS:
+        raise UserError(f"--quant_bits must be 4 or 8, got {bits}")
+    if mode not in ("quantized_initialization", "post_init_quant"):
+        raise UserError(f"unknown quantization mode {mode!r}; use quantized_initialization")
+    return {mode: {"num_bits": bits, "group_size": int(group_size), "group_dim": 1,
+                   "symmetric": False}}
+
+
+def ds_config(hidden_size: int, *, dtype: str = "fp32", offload: str = "none", nvme_path=None,
+              world_size: int = 1, buffers: BufferPlan | None = None, quant_bits: int | None = None,
+              quant_group_size: int = 64) -> dict:
+    """The blog's ZeRO-3 inference config, built from the model's hidden size ``h``.
+
+    Keys: ``reduce_bucket_size`` h*h and ``stage3_prefetch_bucket_size`` 0.9*h*h (both
+    integers: current DeepSpeed rejects floats), ``stage3_param_persistence_threshold`` 0
+    (partition every parameter, even LayerNorms), ``offload_param`` for CPU / NVMe, and the
+    dtype stated explicitly (``fp16``/``bf16`` ``enabled``) so ZeRO keeps the model's dtype.
+    """
+    if offload not in OFFLOAD_MODES:
+        raise UserError(f"unknown offload {offload!r}; use one of {', '.join(OFFLOAD_MODES)}")
+    h = int(hidden_size)
+    zero = {"stage": 3, "overlap_comm": True, "contiguous_gradients": True,
+            "reduce_bucket_size": h * h, "stage3_prefetch_bucket_size": int(0.9 * h * h),
+            "stage3_param_persistence_threshold": 0}
+    cfg = {"fp16": {"enabled": dtype == "fp16"}, "bf16": {"enabled": dtype == "bf16"},
+           "zero_optimization": zero, "steps_per_print": 2000,
+           "train_batch_size": world_size, "train_micro_batch_size_per_gpu": 1,
+           "wall_clock_breakdown": False}
+    if offload == "cpu":
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    elif offload == "nvme":
+        if nvme_path is None or buffers is None:
+            raise UserError("NVMe offload needs nvme_path and a buffer plan (plan_nvme_buffers)")
+        zero["offload_param"] = {"device": "nvme", "nvme_path": str(nvme_path), "pin_memory": True,
+                                 "buffer_count": buffers.buffer_count,
+                                 "buffer_size": buffers.buffer_size}
+        cfg["aio"] = dict(AIO)
+    if quant_bits:
+        cfg["weight_quantization"] = quant_config(quant_bits, quant_group_size)
+    return cfg
+
+
+# ---------------------------------------------------------------------------- path checks
+
+def _aligned_buffer(nbytes: int) -> mmap.mmap:
+    return mmap.mmap(-1, nbytes)  # anonymous mmap: page-aligned, as O_DIRECT requires
+
+
+def check_nvme_path(path, need_bytes: int = 0) -> Path:
+    """The NVMe offload directory exists, is writable, has ``need_bytes`` free and supports
+    ``O_DIRECT`` (DeepSpeed opens its swap files with it); one-line error otherwise."""
+    p = Path(path).expanduser()
+    flag = "--nvme_offload_path"
+    if not p.exists():
+        raise UserError(f"{flag} {path} does not exist; create it (mkdir -p {path}) on a fast "
+                        "local NVMe drive, or use --cpu_offload")
+    if not p.is_dir():
+        raise UserError(f"{flag} {path} is not a directory; pass a directory on a fast local drive")
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path} is not writable; pass a directory you can write to "
+                        "(or fix its permissions)")
+    usage = shutil.disk_usage(p)
+    free = usage.free
+    # a file system that reports no size at all (ramfs, some FUSE mounts) cannot be checked
+    if need_bytes and usage.total > 0 and free < need_bytes:
+        raise UserError(f"{flag} {path} has {free / 2**20:.1f} MiB free but the swapped weights "
+                        f"need {need_bytes / 2**20:.1f} MiB; free space there, pick another drive, "
+                        "or use --cpu_offload")
+    probe = p / f".bloomkit-odirect-{os.getpid()}"
+    buf = _aligned_buffer(4096)
+    try:
+        try:
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o600)
+        except PermissionError:
+            raise UserError(f"{flag} {path} is not writable; pass a directory you can write "
+                            "to (or fix its permissions)") from None
+        except OSError as exc:
+            raise UserError(f"{flag} {path} does not support O_DIRECT ({exc.strerror}; e.g. ramfs, "
+                            "tmpfs before Linux 6.6, some network/FUSE file systems) which DeepSpeed's async_io "
+                            "needs; use a directory on a local ext4/xfs drive") from None
+        try:
+            os.write(fd, buf)
+        except OSError as exc:
+            raise UserError(f"{flag} {path}: O_DIRECT write failed ({exc.strerror}); use a "
+                            "directory on a local ext4/xfs drive with free space") from None
+        finally:
+            os.close(fd)
+    finally:
+        buf.close()
+        probe.unlink(missing_ok=True)
+    return p
+
+
+def read_bandwidth(path, nbytes: int = 256 * 2**20, block: int = 4 * 2**20) -> float:
+    """Measured sequential read bandwidth (bytes/s) of the drive holding ``path``, with
+    ``O_DIRECT`` reads (no page cache), as DeepSpeed's swapper reads: the NVMe roofline."""
+    d = Path(path)
+    f = d / f".bloomkit-readbw-{os.getpid()}"
+    buf = _aligned_buffer(block)
+    try:
+        buf.write(os.urandom(block))
+        fd = os.open(f, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o600)
+        try:
+            for _ in range(max(1, nbytes // block)):
+                os.write(fd, buf)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        fd = os.open(f, os.O_RDONLY | os.O_DIRECT)
+        try:
+            t0 = time.perf_counter()
+            total = 0
+            while True:
+                n = os.preadv(fd, [buf], total)
+                if n <= 0:
+                    break
+                total += n
+            seconds = time.perf_counter() - t0
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise UserError(f"cannot measure O_DIRECT reads in {path} ({exc.strerror}); use a "
+                        "directory on a local ext4/xfs drive") from None
+    finally:
+        buf.close()
+        f.unlink(missing_ok=True)
+    return total / seconds
+
+
+# ---------------------------------------------------------------------------- async_io op
+
+def aio_build_dir() -> Path:
+    """Where the JIT-built ``async_io`` op is cached (``TORCH_EXTENSIONS_DIR``)."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    return Path(_get_build_directory("async_io", False))
+
+
+@contextlib.contextmanager
+def _real_stderr():
+    """DeepSpeed's compile probe (``has_function``) dup2()s ``sys.stderr.fileno()``; inside a
+    Jupyter kernel ``sys.stderr`` may have no file descriptor, which makes the probe report
+    libaio as missing.  Give it a real file for the duration."""
+    import sys
+
+    try:
+        sys.stderr.fileno()
+        yield
+        return
+    except Exception:  # noqa: BLE001 - io.UnsupportedOperation, AttributeError, ...
+        pass
+    old = sys.stderr
+    with open(os.devnull, "w") as devnull:
+        sys.stderr = devnull
+        try:
+            yield
+        finally:
+            sys.stderr = old
+
+
+def check_async_io(log=None) -> dict:
+    """Make DeepSpeed's ``async_io`` op loadable *now* (building it on first use, which takes
+    minutes: g++ on a dozen C++ files), so that it is not silently built inside
+    ``from_pretrained``.  Missing libaio or compiler: one line naming the package."""
+    import sys
+
+    from deepspeed.ops.op_builder import AsyncIOBuilder
+
+    log = log or (lambda m: print(m, file=sys.stderr, flush=True))
+    builder = AsyncIOBuilder()
+    build_dir = aio_build_dir()
+    built = (build_dir / "async_io.so").exists()
+
+    def diagnose(reason: str) -> UserError:
+        with _real_stderr():
+            compatible = builder.is_compatible(verbose=False)
+        if not compatible:
+            return UserError("NVMe offload needs libaio, which was not found (DeepSpeed's async_io op "
+                             "links -laio): apt-get install libaio-dev (Debian/Ubuntu) or yum "
+                             f"install libaio-devel, or use --cpu_offload")
+        if shutil.which(os.environ.get("CXX", "c++")) is None:
+            return UserError("NVMe offload builds DeepSpeed's async_io op with a C++ compiler, "
+                             "none found: apt-get install g++, or use --cpu_offload")
+        return UserError(f"DeepSpeed's async_io op failed to load ({reason[:160]}); delete "
+                         f"{build_dir} to rebuild it, or use --cpu_offload")
+
+    if not built:
+        err = diagnose("not built")
+        if "failed to load" not in str(err):
+            raise err
+        log(f"building DeepSpeed's async_io op (one time, a few minutes; cached in {build_dir})")
+    t0 = time.perf_counter()
+    try:
+        with _real_stderr(), contextlib.redirect_stdout(sys.stderr):
+            builder.load(verbose=False)
+    except Exception as exc:  # noqa: BLE001 - compiler/linker/loader errors of all kinds
+        raise diagnose(" ".join(str(exc).split())) from None
+    return {"built_now": not built, "seconds": time.perf_counter() - t0, "cache": str(build_dir)}
+
+
+# ---------------------------------------------------------------------------- distributed
+
+def dist_env(device: str = "cpu") -> tuple[int, int]:
+    """(rank, world size).  Outside a launcher it becomes a one-rank group; on CPU DeepSpeed
+    uses its CPU accelerator (``DS_ACCELERATOR=cpu``, gloo)."""
+    if device == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if "RANK" not in os.environ:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        return 0, 1
+    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+
+
+_SELF_MADE = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def init_distributed(device: str = "cpu") -> tuple[int, int]:
+    """Join the launcher's process group, or make a one-rank group.  A one-rank group's
+    rendezvous variables are removed again afterwards, so processes started later from
+    this one (a notebook launching the recipe) do not inherit its port."""
+    dist_env(device)
+    import deepspeed
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        own = "RANK" not in os.environ
+        if own:
+            from .launch import free_port
+
+            os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                               "MASTER_PORT": str(free_port())})
+        os.environ.setdefault("LOCAL_RANK", "0")  # zero.Init reads it for the local device
+        try:
+            deepspeed.init_distributed(dist_backend="gloo" if device == "cpu" else "nccl",
+                                       verbose=False)
+        finally:
+            if own:
+                for k in _SELF_MADE:
+                    os.environ.pop(k, None)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if device == "cuda":
+        import torch
+
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    return rank, world
+
+
+# ---------------------------------------------------------------------------- loading
+
+@contextlib.contextmanager
+def hf_deepspeed(config: dict):
+    """``HfDeepSpeedConfig`` alive for the block: ``from_pretrained`` then builds the model
+    under ``deepspeed.zero.Init`` (each parameter partitioned/offloaded as it is created, the
+    checkpoint loaded one tensor at a time): no rank ever holds the whole model.
+
+    Unset afterwards, so a later plain ``from_pretrained`` (e.g. ``--verify``'s reference)
+    in the same process is not partitioned too.
+    """
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    dschf = HfDeepSpeedConfig(config)  # noqa: F841 - must stay referenced (weakref inside)
+    try:
+        yield dschf
+    finally:
+        unset_hf_deepspeed_config()
+
+
+def load_model(path, dtype: str, config: dict, device: str = "cpu"):
+    """The ZeRO-3 model, ready to ``generate``: ``HfDeepSpeedConfig`` first, then
+    ``from_pretrained`` (zero.Init), then ``deepspeed.initialize`` -> ``engine.module``."""
+    import deepspeed
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .dtypes import torch_dtype
+
+    with hf_deepspeed(config):
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype(dtype))
+    model.eval()
+    engine = deepspeed.initialize(model=model, config_params=config)[0]
+    engine.module.eval()
+    module = engine.module
+    module._bloomkit_engine = engine  # keep the engine (and its hooks) alive with the model
+    del model
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return module
+
+
+def partition_bytes(model) -> int:
+    """Bytes ZeRO keeps for this rank's partitions (offloaded or not); quantized weights
+    count at their packed size."""
+    total = 0
+    for p in model.parameters():
+        t = getattr(p, "ds_tensor", None)
+        if t is not None:
+            # the parameter's dtype: a partition swapped to disk is a 1-element fp16 stand-in
+            total += int(t.ds_numel) * p.element_size()
+    return total
+
+
+# ---------------------------------------------------------------------------- unique streams
+
+def rank_prompts(batch_size: int, base: list[str] | None, rank: int, world_size: int) -> list[str]:
+    """Rank ``rank``'s rows: its slice of the global batch (rows ``rank*bs ...`` of the base
+    prompts, cycled), shifted by one prompt when that would repeat another rank's stream."""
+    base = list(base or harness.STANDARD_PROMPTS)
+    n = len(base)
+    used, start = [], 0
+    for r in range(rank + 1):
+        start = (r * batch_size) % n
+        while start in used and len(used) < n:
+            start = (start + 1) % n
+        used.append(start)
+    return [base[(start + i) % n] for i in range(batch_size)]
+
+
+def stream_generate(model, tokenizer, prompts: list[str], max_new_tokens: int, *,
+                    world_size: int = 1, **extra) -> harness.Generation:
+    """Generate this rank's rows; with several ranks use ``synced_gpus`` (every rank keeps
+    stepping until all are done: ZeRO-3 gathers need every rank in every forward) and return
+    *all* ranks' rows, rank-major (gathered to every rank)."""
+    if world_size == 1:
+        return harness.generate(model, tokenizer, prompts, max_new_tokens, **extra)
+    import torch.distributed as dist
+
+    gen = harness.generate(model, tokenizer, prompts, max_new_tokens, synced_gpus=True, **extra)
+    parts = [None] * world_size
+    dist.all_gather_object(parts, (gen.prompts, gen.tokens, gen.texts))
+    return harness.Generation(prompts=[p for ps, _, _ in parts for p in ps],
+                              tokens=[t for _, ts, _ in parts for t in ts],
+                              texts=[x for _, _, xs in parts for x in xs])
+
+
+def verify_streams(path, record: dict) -> dict:
+    """Each rank's stream against plain fp32 ``generate`` of its own prompts (rank 0)."""
+    from . import bench, quality
+
+    ref, _ = bench.reference(path, record["prompts"], record["max_new_tokens"])
+    rep = quality.compare_tokens(ref, record["tokens"])
+    rep["reference"] = "plain fp32 model.generate of each stream's prompts"
+    return rep
+
+
+# ---------------------------------------------------------------------------- swap files
+
+def swap_files(nvme_path) -> list[Path]:
+    """The swap files DeepSpeed has written under ``nvme_path`` right now."""
+    root = Path(nvme_path) / SWAP_ROOT
+    return sorted(root.rglob("*.swp")) if root.exists() else []
+
+
+def swap_summary(nvme_path) -> dict:
+    files = swap_files(nvme_path)
+    return {"files": len(files), "bytes": sum(f.stat().st_size for f in files if f.exists()),
+            "folder": str(Path(nvme_path) / SWAP_ROOT)}
+
+
+@contextlib.contextmanager
+def swap_session(nvme_path, rank: int = 0):
+    """Remove this rank's swap folder (and the empty folders above it) on the way out."""
+    root = Path(nvme_path) / SWAP_ROOT if nvme_path else None
+    try:
+        yield root
+    finally:
+        if root is not None and root.exists():
+            for d in root.glob(f"*params/rank{rank}"):
+                shutil.rmtree(d, ignore_errors=True)
+            for d in sorted(root.glob("*params"), reverse=True):
+                with contextlib.suppress(OSError):
+                    d.rmdir()
+            with contextlib.suppress(OSError):
+                root.rmdir()
+
+
+# ---------------------------------------------------------------------------- teaching aids
+
+def gather_trace(model, tokenizer, prompt: str = "Peace is the only way") -> list[dict]:
+    """One forward pass, recording as each module with weights starts which modules hold
+    *gathered* (full, usable) weights: ZeRO-3 materialises a module's partitions just before
+    it runs and re-partitions them after, so only a few are ever whole at once."""
+    import torch
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    leaves = [(n, m) for n, m in model.named_modules()
+              if any(True for _ in m.parameters(recurse=False))]
+
+    def whole(m):
+        return all(p.ds_status == ZeroParamStatus.AVAILABLE for p in m.parameters(recurse=False))
+
+    trace, hooks = [], []
+    for name, mod in leaves:
+        def hook(m, args, name=name):
+            trace.append({"running": name,
+                          "gathered": [n for n, x in leaves if whole(x)],
+                          "local_numel": sum(p.numel() for p in m.parameters(recurse=False)),
+                          "full_numel": sum(p.ds_numel for p in m.parameters(recurse=False))})
+        hooks.append(mod.register_forward_pre_hook(hook))
+    try:
+        enc = tokenizer([prompt], return_tensors="pt").to(harness.input_device(model))
+        with torch.inference_mode():
+            model(**enc)
+    finally:
+        for h in hooks:
+            h.remove()
+    return trace
+
+
+def roofline_ms_per_token(weight_bytes: int, bandwidth: float, batch_size: int) -> float:
+    """Link-bound lower bound: every step reads all weights once over the link, shared by the
+    ``batch_size`` rows: ``weight_bytes / bandwidth / batch_size`` (ms)."""
+    return weight_bytes / bandwidth / batch_size * 1000.0

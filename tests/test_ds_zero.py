@@ -1,0 +1,265 @@
+"""Strategy 3 (DeepSpeed ZeRO-Inference): fp32 tokens equal plain generate with no offload,
+CPU offload and NVMe offload, on 1 rank and on 2 ranks with unique streams; NVMe really
+swaps (files appear under the directory while it runs, and are gone afterwards); 4/8-bit
+weights agree within stated bounds; bad input is one line and leaves nothing behind."""
+import contextlib
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from bloomkit import launch, models, zero
+from conftest import ROOT, assert_one_line_error, read_json, run_script
+
+RECIPE = "recipes/ds_zero_inference.py"
+# ZeRO-Inference group-wise weights (group 64) on the tiny model vs plain fp32 generate.  The
+# random tiny BLOOM (init std 0.25, every matrix incl. the tied embedding quantized) amplifies
+# weight error through its layers: 8-bit measured top-1 ~0.95 / rel. RMS ~0.03, 4-bit
+# ~0.45 / ~0.40 (one 16-level step is ~0.3 sigma of a group of 64).
+QUANT_BOUNDS = {8: {"top1": 0.9, "rel_rms": 0.06}, 4: {"top1": 0.35, "rel_rms": 0.6}}
+
+
+def _env(extra=None):
+    return {"DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": "", **(extra or {})}
+
+
+@contextlib.contextmanager
+def mounted(path, fs, options=None):
+    """A real small/odd file system (we are root): tmpfs with a size (full), ramfs (no
+    O_DIRECT; tmpfs supports it since Linux 6.6)."""
+    path.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", fs, *(["-o", options] if options else []), fs, str(path)],
+                   check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=False)
+
+
+# ---------------------------------------------------------------------------- config
+
+def test_config_has_the_anchor_keys_with_integer_buckets(tiny_path):
+    cfg = models.load_config(tiny_path)
+    h = cfg.hidden_size
+    c = zero.ds_config(h, dtype="bf16", offload="cpu")
+    z = c["zero_optimization"]
+    assert z["stage"] == 3 and z["stage3_param_persistence_threshold"] == 0
+    assert z["reduce_bucket_size"] == h * h and isinstance(z["reduce_bucket_size"], int)
+    assert z["stage3_prefetch_bucket_size"] == int(0.9 * h * h)
+    assert isinstance(z["stage3_prefetch_bucket_size"], int)
+    assert z["offload_param"] == {"device": "cpu", "pin_memory": True}
+    assert c["bf16"]["enabled"] and not c["fp16"]["enabled"]
+    plan = zero.plan_nvme_buffers(models.bloom_config("bloom"), "bf16", world_size=8,
+                                  check_limit=False)
+    n = zero.ds_config(14336, dtype="bf16", offload="nvme", nvme_path="/x", buffers=plan,
+                       quant_bits=4, world_size=8)
+    # the largest partition of BLOOM-176B on 8 ranks: the embedding, 250880*14336/8 elements
+    assert plan.buffer_size >= 250880 * 14336 // 8 and plan.buffer_size % 512 == 0
+    assert n["zero_optimization"]["offload_param"]["buffer_size"] == plan.buffer_size
+    assert n["weight_quantization"]["quantized_initialization"]["num_bits"] == 4
+    assert n["train_batch_size"] == 8 and "aio" in n
+
+
+def test_rank_prompts_are_unique_streams():
+    streams = [zero.rank_prompts(2, None, r, 2) for r in range(2)]
+    assert streams[0] != streams[1] and len(streams[1]) == 2
+    assert zero.rank_prompts(8, None, 1, 2) != zero.rank_prompts(8, None, 0, 2)
+
+
+# ---------------------------------------------------------------------------- one rank
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("mode", ["none", "cpu"])
+def test_one_rank_is_token_identical(tmp_path, mode):
+    out = tmp_path / "r.json"
+    flags = ["--cpu_offload"] if mode == "cpu" else []
+    proc = run_script([RECIPE, "--batch_size", "1,3", "--max_new_tokens", "8", "--verify",
+                       "--json_out", str(out), *flags], env=_env())
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for r in read_json(out):
+        assert r["quality"]["identical"], r["quality"]["mismatches"]
+        assert r["options"]["zero"]["offload"] == mode and r["strategy"] == "ds-zero"
+
+
+@pytest.mark.timeout(240)
+def test_nvme_really_swaps_is_identical_and_cleans_up(tmp_path):
+    """small: parameters are written under DIR while it runs (seen from this process and
+    listed by the run itself), fp32 tokens equal plain generate, DIR is empty afterwards."""
+    nv = tmp_path / "nvme"
+    nv.mkdir()
+    out = tmp_path / "r.json"
+    cmd = [sys.executable, RECIPE, "--name", "small", "--nvme_offload_path", str(nv),
+           "--batch_size", "2", "--max_new_tokens", "8", "--verify", "--benchmark", "--cycles",
+           "2", "--json_out", str(out)]
+    proc = subprocess.Popen(cmd, cwd=str(ROOT), env={**os.environ, **_env()},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen = 0
+    while proc.poll() is None:
+        seen = max(seen, len(zero.swap_files(nv)))
+        time.sleep(0.05)
+    stdout, stderr = proc.communicate()
+    assert proc.returncode == 0, stderr[-2000:]
+    rec = read_json(out)
+    z = rec["options"]["zero"]
+    assert seen > 0 and z["swap_after_load"]["files"] > 0 and z["swap_after_load"]["bytes"] > 2**20
+    assert rec["quality"]["identical"], rec["quality"]["mismatches"]
+    assert list(nv.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------- two ranks
+
+@pytest.mark.timeout(300)
+def test_two_ranks_unique_streams_each_identical(tmp_path):
+    """NVMe offload on `small`, 2 ranks, each generating its own prompts (CPU offload on 2
+    ranks is checked by the notebook test)."""
+    (tmp_path / "nv").mkdir()
+    recs = launch.launch_records(RECIPE, ["--name", "small", "--batch_size", "2",
+                                          "--max_new_tokens", "8", "--verify",
+                                          "--nvme_offload_path", str(tmp_path / "nv")], 2,
+                                 timeout=280)
+    r = recs[0]
+    _check_streams(r)
+    assert r["options"]["zero"]["swap_after_load"]["files"] > 0
+    assert list((tmp_path / "nv").iterdir()) == []
+
+
+def _check_streams(r, ranks=2):
+    assert r["world_size"] == ranks and r["options"]["zero"]["streams"] == ranks
+    n = r["batch_size"]
+    assert len(r["prompts"]) == ranks * n and r["prompts"][:n] != r["prompts"][n:2 * n]
+    assert r["quality"]["identical"], r["quality"]["mismatches"]
+
+
+# ---------------------------------------------------------------------------- quantized
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("bits", [8])  # 4 bits: in the notebook test
+def test_quantized_weights_agree_within_bound(tmp_path, bits):
+    out = tmp_path / "r.json"
+    proc = run_script([RECIPE, "--cpu_offload", "--quant_bits", str(bits), "--batch_size", "4",
+                       "--max_new_tokens", "8", "--verify", "--json_out", str(out)], env=_env())
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = read_json(out)
+    q, b = r["quality"], QUANT_BOUNDS[bits]
+    assert q["teacher_forced_top1"] >= b["top1"] and q["logit_rel_rms_err"] <= b["rel_rms"], q
+    full = 4 * zero.memory.param_count(models.load_config(models.resolve_model("tiny")))
+    assert r["options"]["zero"]["partition_bytes"] < full * (0.5 if bits == 8 else 0.35)
+
+
+# ---------------------------------------------------------------------------- bad input
+
+def _bad(tmp_path, args, *needles, wrap=None, name="tiny"):
+    out = tmp_path / "r.json"
+    cmd = [sys.executable, RECIPE, "--name", name, "--max_new_tokens", "2", "--json_out",
+           str(out), *args]
+    proc = subprocess.run((wrap or []) + cmd, cwd=str(ROOT), capture_output=True, text=True,
+                          env={**os.environ, **_env()}, timeout=120)
+    assert_one_line_error(proc, *needles)
+    assert not out.exists() and not list(tmp_path.glob("*.tmp"))
+    return proc
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("case", ["both", "missing", "group", "kv_offload"])
+def test_bad_flags_are_one_line(tmp_path, case):
+    nv = str(tmp_path / "nv")
+    args, needles = {
+        "both": (["--cpu_offload", "--nvme_offload_path", nv], ["not both"]),
+        "missing": (["--nvme_offload_path", nv], ["does not exist", "mkdir"]),
+        "group": (["--quant_bits", "4", "--quant_group_size", "48"], ["--quant_group_size"]),
+        "kv_offload": (["--kv_offload"], ["cuda"]),
+    }[case]
+    _bad(tmp_path, args, *needles)
+    assert not os.path.exists(nv)
+
+
+@pytest.mark.timeout(120)
+def test_unwritable_nvme_path(tmp_path):
+    src, ro = tmp_path / "src", tmp_path / "ro"
+    src.mkdir(), ro.mkdir()
+    subprocess.run(["mount", "--bind", str(src), str(ro)], check=True)
+    try:
+        subprocess.run(["mount", "-o", "remount,ro,bind", str(ro)], check=True)
+        _bad(tmp_path, ["--nvme_offload_path", str(ro)], "not writable")
+    finally:
+        subprocess.run(["umount", str(ro)], check=False)
+    assert list(src.iterdir()) == []
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("fs,options,needles", [("tmpfs", "size=256k", ["free", "need"]),
+                                                ("ramfs", None, ["o_direct", "ext4"])],
+                         ids=["full", "no-o-direct"])
+def test_full_or_no_o_direct_nvme_path(tmp_path, fs, options, needles):
+    with mounted(tmp_path / "mnt", fs, options) as mnt:
+        _bad(tmp_path, ["--nvme_offload_path", str(mnt)], *needles)
+        assert list(mnt.iterdir()) == []
+
+
+@pytest.mark.timeout(120)
+def test_libaio_missing_is_one_line(tmp_path):
+    """A real machine without libaio: a private mount namespace hides its header and library
+    (the cached async_io op then cannot load either)."""
+    (tmp_path / "nv").mkdir()
+    hide = " ".join(f"mount --bind /dev/null {f};" for f in (
+        "/usr/include/libaio.h", *[str(p) for p in __import__("pathlib").Path(
+            "/usr/lib/x86_64-linux-gnu").glob("libaio.so.1.*")]))
+    script = f"{hide} exec \"$@\""
+    _bad(tmp_path, ["--nvme_offload_path", str(tmp_path / "nv")], "libaio-dev", name="small",
+         wrap=["unshare", "-m", "sh", "-c", script, "sh"])
+    assert list((tmp_path / "nv").iterdir()) == []
+
+
+@pytest.mark.timeout(120)
+def test_locked_memory_limit_is_checked(tmp_path):
+    """Without CAP_IPC_LOCK, mlock obeys `ulimit -l`: the aio buffers must fit it."""
+    (tmp_path / "nv").mkdir()
+    wrap = ["prlimit", "--memlock=8388608", "setpriv", "--bounding-set", "-ipc_lock",
+            "--inh-caps", "-ipc_lock"]
+    _bad(tmp_path, ["--nvme_offload_path", str(tmp_path / "nv")], "ulimit -l", name="small",
+         wrap=wrap)
+    assert list((tmp_path / "nv").iterdir()) == []
+
+
+# ---------------------------------------------------------------------------- notebook
+
+@pytest.mark.timeout(240)
+def test_notebook_runs_headless(tmp_path):
+    from bloomkit import notebooks, results
+
+    res = tmp_path / "results.jsonl"
+    notebooks.execute(ROOT / "notebooks" / "03_ds_zero_inference.ipynb", tmp_path / "03.ipynb",
+                      {"RESULTS_PATH": str(res), "BATCH_SIZES": [1, 4], "MAX_NEW_TOKENS": 8,
+                       "CYCLES": 1})
+    recs = results.read_records(res)
+    assert all(r["status"] == "ok" and r["ms_per_token"] > 0 for r in recs)
+    one = [r for r in recs if r["world_size"] == 1 and not r["options"]["quant_bits"]]
+    assert {r["options"]["offload"] for r in one} == {"none", "cpu", "nvme"}
+    streams = [r for r in recs if r["world_size"] == 2]
+    assert streams and all(r["options"]["offload"] == "cpu" for r in streams)
+    for r in streams:
+        _check_streams(r)
+    q4 = [r for r in recs if r["options"]["quant_bits"] == 4]
+    assert q4, "the notebook's 4-bit run"
+    for r in q4:
+        q, b = r["quality"], QUANT_BOUNDS[4]
+        assert q["teacher_forced_top1"] >= b["top1"] and q["logit_rel_rms_err"] <= b["rel_rms"], q
+
+
+# ---------------------------------------------------------------------------- GPU
+
+@pytest.mark.gpu
+@pytest.mark.timeout(600)
+def test_gpu_cpu_offload_bf16(tmp_path):
+    for kv in ([], ["--kv_offload"]):
+        out = tmp_path / f"r{len(kv)}.json"
+        proc = run_script([RECIPE, "--name", "small", "--device", "cuda", "--dtype", "bf16",
+                           "--cpu_offload", "--batch_size", "1,8", "--benchmark", "--cycles", "2",
+                           "--max_new_tokens", "20", "--verify", "--json_out", str(out), *kv],
+                          timeout=550)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        for r in read_json(out):
+            assert r["cuda_max_allocated_bytes"] and r["ms_per_token"] > 0
+            assert r["quality"]["teacher_forced_top1"] >= 0.95, r["quality"]

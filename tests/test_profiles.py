@@ -1,0 +1,79 @@
+"""Every profile against every notebook: names checked, papermill prepares the notebook.
+
+A GPU profile is never *run* on the CPU CI, so this is what keeps it from rotting: a renamed
+parameter or a typo in a profile fails here, not on the expensive machine."""
+import ast
+import json
+
+import pytest
+import yaml
+
+from bloomkit import notebooks
+from bloomkit.errors import UserError
+
+PROFILES = sorted(p.stem for p in notebooks.PROFILE_DIR.glob("*.yaml"))
+NOTEBOOKS = notebooks.notebooks()
+SHARED = {"MODEL_NAME", "DTYPE", "BATCH_SIZES", "MAX_NEW_TOKENS", "CYCLES", "RESULTS_PATH"}
+
+
+def test_the_four_profiles_exist_and_cpu_tiny_is_the_default():
+    assert {"cpu-tiny", "cpu-bench", "1xH100", "8xA100-bloom176b"} <= set(PROFILES)
+    makefile = (notebooks.ROOT / "Makefile").read_text()
+    assert "PROFILE ?= cpu-tiny" in makefile
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS, ids=lambda p: p.stem)
+def test_every_notebook_takes_the_shared_names(nb):
+    assert SHARED <= set(notebooks.parameters_of(nb)), nb.name
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_profile_shape(profile):
+    data = yaml.safe_load((notebooks.PROFILE_DIR / f"{profile}.yaml").read_text())
+    assert data.get("description"), f"{profile}: say what machine it is for"
+    assert {"MODEL_NAME", "DTYPE", "BATCH_SIZES", "MAX_NEW_TOKENS"} <= set(data["common"])
+    stems = {p.stem for p in NOTEBOOKS}
+    for stem, params in (data.get("notebooks") or {}).items():
+        # a section for a notebook that is not in the checkout yet is allowed, but not a typo
+        assert stem[:3] in {"00_", "01_", "02_", "03_", "04_"}, stem
+        if stem in stems:
+            notebooks.check_parameters(notebooks.NOTEBOOK_DIR / f"{stem}.ipynb", params)
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_every_notebook_prepares_with_every_profile(profile, tmp_path):
+    prof = notebooks.load_profile(profile)
+    for nb in NOTEBOOKS:
+        params = notebooks.profile_parameters(prof, nb)
+        params["RESULTS_PATH"] = str(tmp_path / f"{nb.stem}.jsonl")
+        out = notebooks.execute(nb, tmp_path / nb.name, params, prepare_only=True)
+        cells = json.loads(out.read_text())["cells"]
+        injected = [c for c in cells if "injected-parameters" in c["metadata"].get("tags", [])]
+        assert len(injected) == 1, nb.name
+        src = "".join(injected[0]["source"])
+        got = {n.targets[0].id: ast.literal_eval(n.value) for n in ast.parse(src).body}
+        assert got == params, nb.name      # every value arrives as the profile wrote it
+
+
+def test_unknown_parameter_is_an_error_not_a_warning(tmp_path):
+    nb = notebooks.NOTEBOOK_DIR / "04_comparison.ipynb"
+    with pytest.raises(UserError, match="no parameter.*BATCH_SIZE\\b.*BATCH_SIZES"):
+        notebooks.execute(nb, tmp_path / "x.ipynb", {"BATCH_SIZE": [1]}, prepare_only=True)
+    assert not (tmp_path / "x.ipynb").exists()
+
+
+def test_bad_profile_name_names_the_choices():
+    with pytest.raises(UserError, match="cpu-tiny"):
+        notebooks.load_profile("cpu-tiyn")
+
+
+def test_gpu_workflow_runs_a_profile_and_keeps_runs():
+    wf = yaml.safe_load((notebooks.ROOT / ".github/workflows/gpu-notebooks.yml").read_text())
+    job = wf["jobs"]["notebooks"]
+    assert "self-hosted" in job["runs-on"] and "gpu" in job["runs-on"]
+    choices = wf[True]["workflow_dispatch"]["inputs"]["profile"]["options"]  # YAML 1.1: on -> True
+    assert set(choices) <= set(PROFILES) and job["env"]["PROFILE"].endswith("'1xH100' }}")
+    runs = [s.get("run", "") for s in job["steps"]]
+    assert any(r.startswith("make run PROFILE=") for r in runs)
+    upload = next(s for s in job["steps"] if s.get("uses", "").startswith("actions/upload-artifact"))
+    assert upload["with"]["path"].startswith("runs/") and upload["if"] == "always()"

@@ -1,0 +1,102 @@
+"""The run report: real records of the tiny model -> report.md / .png / .html, and the HTML
+opened in headless Chromium (Debian's ``chromium`` package) showing the table and the plot."""
+import shutil
+import subprocess
+
+import pytest
+
+from bloomkit import accel, bench, memory, models, report, results
+
+
+def chromium() -> str:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if shutil.which(name):
+            return shutil.which(name)
+    pytest.fail("headless Chromium is missing: run `apt-get install -y chromium` (Debian), "
+                "which `make setup` does as root")
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, tiny_path):
+    """A runs/<profile>/ directory as `make run` leaves it, from a real (tiny) run."""
+    out = tmp_path_factory.mktemp("runs") / "cpu-tiny"
+    cfg = models.load_config(tiny_path)
+    need = lambda bs: memory.weight_bytes(cfg, "fp32") + memory.generate_extra_bytes(cfg, bs, 64 + 4, "fp32")  # noqa: E731
+    recs = bench.run_variant(strategy="accelerate", name="tiny", path=tiny_path, batch_sizes=[1, 2, 4],
+                             max_new_tokens=4, cycles=1, verify=True, budget=(need(2) + need(4)) // 2,
+                             load=lambda p, dt, dev: accel.load_model(p, dt, device=dev))
+    assert [r["status"] for r in recs] == ["ok", "ok", "oom"]
+    results.append_jsonl(out / "04_comparison.jsonl", recs)
+    results.append_jsonl(out / "results.jsonl", recs)
+    results.write_json(out / "summary.json", {"profile": "cpu-tiny", "notebooks": [
+        {"notebook": "04_comparison.ipynb", "seconds": 1.0, "records": len(recs)}]})
+    return out, recs
+
+
+def test_report_files(run_dir):
+    out, recs = run_dir
+    paths = report.write_report(out)
+    md = paths["markdown"].read_text()
+    assert "# Run report: `cpu-tiny`" in md
+    ms = [f"{r['ms_per_token']:.3g}" for r in recs if r["status"] == "ok"]
+    assert f"| accelerate fp32 | {ms[0]} | {ms[1]} | oom |" in md       # the blog-style row
+    assert "## Roofline" in md and "| accelerate fp32 | 1 |" in md
+    assert "published, not measured here" in md and "| ds-inference fp16 | 44.02 |" in md
+    assert "![ms per token](report.png)" in md
+    from PIL import Image
+
+    img = Image.open(paths["png"]).convert("L")
+    lo, hi = img.getextrema()
+    assert img.size[0] >= 800 and hi - lo > 100   # a real figure, not a blank canvas
+
+
+def test_empty_run_dir_still_reports(tmp_path):
+    paths = report.write_report(tmp_path)
+    assert "No result records" in paths["markdown"].read_text()
+    assert paths["html"].exists()
+
+
+@pytest.mark.timeout(120)
+def test_html_report_in_headless_chromium(run_dir, tmp_path):
+    out, recs = run_dir
+    html = report.write_report(out)["html"]
+    cmd = [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=3000"]
+    dom = subprocess.run([*cmd, "--dump-dom", html.as_uri()], capture_output=True, text=True,
+                         timeout=60).stdout
+    assert "<table>" in dom and "<td>accelerate fp32</td>" in dom
+    assert dom.count("<tr>") >= 10                       # comparison, roofline, blog tables
+    assert "<td>oom</td>" in dom
+    # the embedded PNG was decoded by the browser: its onload handler recorded its width
+    assert 'id="plot"' in dom and 'data-width="1200"' in dom
+    shot = tmp_path / "shot.png"
+    subprocess.run([*cmd, "--window-size=1280,1600", f"--screenshot={shot}", html.as_uri()],
+                   capture_output=True, timeout=60)
+    from PIL import Image
+
+    img = Image.open(shot).convert("L")
+    assert img.getextrema()[1] - img.getextrema()[0] > 100   # something drawn, not blank
+
+
+@pytest.mark.timeout(300)
+def test_comparison_notebook_and_report_end_to_end(tmp_path):
+    """`make run` restricted to notebook 04 on the CI profile, then the report of that run:
+    every strategy through the same harness, each identical to plain generate in fp32."""
+    from bloomkit import notebooks
+
+    notebooks.run_profile("cpu-tiny", tmp_path, only=["04"])
+    recs = results.read_records(tmp_path / "results.jsonl")
+    assert {r["strategy"] for r in recs} == {"accelerate", "ds-inference", "ds-zero"}
+    assert sorted(r["batch_size"] for r in recs) == [1, 1, 1, 8, 8, 8]
+    assert all(r["status"] == "ok" and r["quality"]["identical"] for r in recs)
+    assert {r["world_size"] for r in recs if r["strategy"] == "ds-inference"} == {2}
+    assert (tmp_path / "04_comparison.html").stat().st_size > 10_000
+    md = report.write_report(tmp_path)["markdown"].read_text()
+    for variant in ("accelerate fp32", "ds-inference tp=2 fp32", "ds-zero offload=cpu fp32"):
+        assert f"| {variant} | " in md
+    assert md.count("| memory |") + md.count("| compute |") + md.count("| link |") == 6  # roofline rows
+    import json
+
+    outputs = [o for c in json.loads((tmp_path / "04_comparison.ipynb").read_text())["cells"]
+               for o in c.get("outputs", [])]
+    assert not any("NOT AVAILABLE" in "".join(o.get("text", "")) for o in outputs)
+    assert sum("image/png" in o.get("data", {}) for o in outputs) >= 2   # ms/token and roofline plots
