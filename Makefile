@@ -5,10 +5,13 @@ PY := $(VENV)/bin/python
 PROFILE ?= cpu-tiny
 PIP_EXTRA ?=
 
-.PHONY: setup run test test-gpu lab clean
+.PHONY: setup setup-legacy run test test-gpu lab clean
 
 setup:  ## .venv, pinned packages, Jupyter kernel, libaio-dev (quick when done)
 	@bash scripts/setup.sh requirements.txt $(VENV) $(PIP_EXTRA)
+
+setup-legacy:  ## pinned legacy env (.venv-legacy): DeepSpeed's BLOOM kernel injection on CUDA GPUs
+	@bash scripts/setup.sh requirements-legacy.txt .venv-legacy $(PIP_EXTRA)
 
 run: setup  ## execute every notebook headless with PROFILE; results under runs/$(PROFILE)/
 	@$(PY) -m bloomkit.notebooks --profile $(PROFILE) --out runs/$(PROFILE)
