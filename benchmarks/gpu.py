@@ -44,6 +44,7 @@ def main(argv=None):
     out = {"hardware": sysinfo.hardware(), "versions": sysinfo.versions(),
            "machine": machine.to_dict(), "runs": [], "errors": {}}
     out["decode_vs_roofline"] = microbench.decode_vs_roofline(args.name, "bf16", device="cuda")
+    results.write_json(args.out, out)
     common = ["--name", args.name, "--batch_size", args.batch_size, "--max_new_tokens",
               args.max_new_tokens, "--benchmark", "--cycles", args.cycles, "--device", "cuda"]
     for label, recipe, extra in RUNS:
@@ -61,6 +62,7 @@ def main(argv=None):
         for r in recs:
             r["options"]["label"] = label
         out["runs"].extend(recs)
+        results.write_json(args.out, out)  # after every run: a time limit keeps what finished
         print(f"{label}: {time.perf_counter() - t:.0f} s; " + ", ".join(
             f"bs{r['batch_size']}={r['ms_per_token'] if r['status'] != 'ok' else round(r['ms_per_token'], 3)}"
             for r in recs), flush=True)
