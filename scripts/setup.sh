@@ -40,7 +40,7 @@ echo "setup: creating $venv and installing $req (first time only)"
 # all-reduce for CPU ranks): minutes on a small machine. Build them once here; they are cached
 # under ~/.cache/torch_extensions (or $TORCH_EXTENSIONS_DIR).
 echo "setup: building DeepSpeed's CPU ops once (async_io, shm comm; a few minutes; cached)"
-DS_ACCELERATOR=cpu "$venv/bin/python" - <<'PY' >/dev/null 2>&1 || echo "setup: could not prebuild DeepSpeed's ops (needs g++ and libaio-dev); the first run that needs them builds them" >&2
+DS_ACCELERATOR=cpu timeout 900 "$venv/bin/python" - <<'PY' >/dev/null 2>&1 || echo "setup: could not prebuild DeepSpeed's ops (needs g++ and libaio-dev); the first run that needs them builds them" >&2
 from deepspeed.accelerator import get_accelerator
 acc = get_accelerator()
 for name in ("AsyncIOBuilder", "ShareMemCommBuilder"):
