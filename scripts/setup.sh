@@ -43,7 +43,7 @@ echo "setup: building DeepSpeed's CPU ops once (async_io, shm comm; a few minute
 DS_ACCELERATOR=cpu timeout 900 "$venv/bin/python" - <<'PY' >/dev/null 2>&1 || echo "setup: could not prebuild DeepSpeed's ops (needs g++ and libaio-dev); the first run that needs them builds them" >&2
 from deepspeed.accelerator import get_accelerator
 acc = get_accelerator()
-for name in ("AsyncIOBuilder", "ShareMemCommBuilder"):
+for name in ("AsyncIOBuilder", "ShareMemCommBuilder", "PinMemoryBuilder"):
     acc.create_op_builder(name).load(verbose=False)
 PY
 rm -f "$venv"/.bloomkit-*

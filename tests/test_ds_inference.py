@@ -41,7 +41,7 @@ def _assert_identical(ref, rec):
 @pytest.fixture(scope="module")
 def tp2_records():
     return launch.launch_records(RECIPE, ["--max_new_tokens", str(N_NEW), "--batch_size", f"1,{BS}"],
-                                 2, timeout=240)
+                                 2, timeout=600)
 
 
 @pytest.fixture(scope="module")
