@@ -29,23 +29,25 @@ if ! command -v chromium >/dev/null; then
   fi
 fi
 
-[ -f "$stamp" ] && exit 0
-echo "setup: creating $venv and installing $req (first time only)"
-[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
-"$venv/bin/python" -m pip install -q --upgrade pip
-"$venv/bin/python" -m pip install -q -r "$req" "$@"
-"$venv/bin/python" -m pip install -q --no-deps -e .
-"$venv/bin/python" -m ipykernel install --sys-prefix --name bloomkit --display-name "Python (bloomkit)" >/dev/null
+if [ ! -f "$stamp" ]; then
+  echo "setup: creating $venv and installing $req (first time only)"
+  [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+  "$venv/bin/python" -m pip install -q --upgrade pip
+  "$venv/bin/python" -m pip install -q -r "$req" "$@"
+  "$venv/bin/python" -m pip install -q --no-deps -e .
+  "$venv/bin/python" -m ipykernel install --sys-prefix --name bloomkit --display-name "Python (bloomkit)" >/dev/null
+  rm -f "$venv"/.bloomkit-*
+  touch "$stamp"
+fi
+
 # DeepSpeed JIT-compiles its C++ ops on first use (async_io for NVMe offload, the shared-memory
-# all-reduce for CPU ranks): minutes on a small machine. Build them once here; they are cached
-# under ~/.cache/torch_extensions (or $TORCH_EXTENSIONS_DIR).
-echo "setup: building DeepSpeed's CPU ops once (async_io, shm comm; a few minutes; cached)"
-DS_ACCELERATOR=cpu timeout 900 "$venv/bin/python" - <<'PY' >/dev/null 2>&1 || echo "setup: could not prebuild DeepSpeed's ops (needs g++ and libaio-dev); the first run that needs them builds them" >&2
-from deepspeed.accelerator import get_accelerator
-acc = get_accelerator()
-for name in ("AsyncIOBuilder", "ShareMemCommBuilder", "PinMemoryBuilder"):
-    acc.create_op_builder(name).load(verbose=False)
-PY
-rm -f "$venv"/.bloomkit-*
-touch "$stamp"
-echo "setup: done"
+# all-reduce for CPU ranks, pin_memory): minutes on a small machine. Build them once here, into
+# $venv/torch_extensions (bloomkit.dsops says why there), so no timed step pays for g++.
+ops="$venv/torch_extensions"
+if ! [ -f "$ops/async_io/async_io.so" ] || ! [ -f "$ops/deepspeed_shm_comm/deepspeed_shm_comm.so" ] \
+   || ! [ -f "$ops/pin_memory/pin_memory.so" ]; then
+  echo "setup: building DeepSpeed's CPU ops once (async_io, shm comm, pin_memory; a few minutes)"
+  timeout 1200 "$venv/bin/python" -c "from bloomkit import dsops; dsops.prebuild(unlock=True)" \
+    || echo "setup: could not prebuild DeepSpeed's ops (needs g++ and libaio-dev); the first run that needs them builds them" >&2
+fi
+echo "setup: ready"

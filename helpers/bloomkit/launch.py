@@ -15,6 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from .dsops import remove_shm_buffers
 from .errors import UserError
 from .results import read_records
 
@@ -69,9 +70,13 @@ def launch(script: str | Path, args: list[str], nprocs: int = 1, *, launcher: st
     if device == "cpu":
         full_env.update(cpu_env(nprocs))
     full_env.update(env or {})
-    cmd = launcher_command(script, args, nprocs, launcher)
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env,
-                          cwd=str(ROOT))
+    port = free_port()
+    cmd = launcher_command(script, args, nprocs, launcher, port=port)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env,
+                              cwd=str(ROOT))
+    finally:
+        remove_shm_buffers(port)  # what a crashed rank could not release (see dsops)
     if check and proc.returncode != 0:
         errs = [ln for ln in proc.stderr.splitlines() + proc.stdout.splitlines()
                 if ln.startswith("error")]
@@ -127,4 +132,5 @@ def launch_nodes(script: str | Path, args: list[str], nnodes: int = 2, nproc_per
             if p.poll() is None:
                 p.kill()
                 p.wait()
+        remove_shm_buffers(port)
     return out

@@ -202,6 +202,10 @@ def setup_distributed(device: str, timeout_s: int = 300) -> None:
             os.environ["LOCAL_SIZE"] = os.environ["LOCAL_WORLD_SIZE"]
         deepspeed.init_distributed(dist_backend="gloo" if device == "cpu" else "nccl",
                                    timeout=timedelta(seconds=timeout_s))
+        if device == "cpu":
+            from . import dsops
+
+            dsops.release_shm_buffers()  # DeepSpeed never frees its 66 MB/rank /dev/shm segments
         if device == "cpu" and int(os.environ.get("LOCAL_SIZE", 0)) != world_size():
             # Ranks on several hosts: DeepSpeed 0.19's CPU shm all-reduce is only initialised
             # when all ranks are local, yet still called (a segfault); use gloo's all-reduce.

@@ -27,7 +27,7 @@ What this module does, once for the recipe, the notebook and the tests:
 Load time (measured on this project's 2-core machine, see notebook 03): the first NVMe run
 spends minutes *inside* ``from_pretrained`` because DeepSpeed JIT-compiles its ``async_io``
 op (g++, about 5 minutes here) the moment ``zero.Init`` creates the first swapper; the op is
-cached under ``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``) afterwards.
+cached under ``TORCH_EXTENSIONS_DIR`` (bloomkit defaults it to ``<env>/torch_extensions``) afterwards.
 :func:`check_async_io` builds/loads it up front and reports the time separately, so the
 load time of NVMe offload is the real one (a small factor of CPU offload).
 """
@@ -311,6 +311,10 @@ def check_async_io(log=None) -> dict:
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
     builder = AsyncIOBuilder()
     build_dir = aio_build_dir()
+    from . import dsops
+
+    for lock in dsops.clear_stale_locks():
+        log(f"removed a stale build lock left by a killed build: {lock}")
     built = (build_dir / "async_io.so").exists()
 
     def diagnose(reason: str) -> UserError:
@@ -378,6 +382,10 @@ def init_distributed(device: str = "cpu") -> tuple[int, int]:
         try:
             deepspeed.init_distributed(dist_backend="gloo" if device == "cpu" else "nccl",
                                        verbose=False)
+            if device == "cpu":
+                from . import dsops
+
+                dsops.release_shm_buffers()  # see dsops: DeepSpeed leaks them otherwise
         finally:
             if own:
                 for k in _SELF_MADE:

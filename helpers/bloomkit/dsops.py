@@ -1,0 +1,134 @@
+"""DeepSpeed's compiled CPU ops: where they are built, and what they leave behind.
+
+DeepSpeed JIT-compiles C++ ops on first use with ``torch.utils.cpp_extension``:
+
+* ``async_io`` (ZeRO NVMe offload, links libaio) — a dozen files, minutes on 2 cores;
+* ``deepspeed_shm_comm`` (the shared-memory all-reduce CPU ranks use under tensor parallelism);
+* ``pin_memory``.
+
+Three things bite on a small shared machine, and this module handles each once:
+
+1. **The build cache is keyed by source path.**  ``~/.cache/torch_extensions/<op>`` holds one
+   build; a second virtual env (a fresh clone, CI) writes its own sources into the same
+   folder and rebuilds, invalidating the first.  :func:`use_env_local_build_dir` points
+   ``TORCH_EXTENSIONS_DIR`` into the environment itself (``<sys.prefix>/torch_extensions``):
+   one build per env, gone with the env.
+2. **A build that was killed leaves its ``lock`` file**, and every later load waits on it
+   forever (torch's ``FileBaton``).  :func:`clear_stale_locks` removes locks older than any
+   real build takes.
+3. **The shm all-reduce never frees its buffers**: each rank creates a 66 MB POSIX shared
+   memory segment ``/dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>`` and
+   nothing unlinks it, so every multi-rank CPU launch leaks RAM until reboot (we found 20 GB
+   of them after a day of tests).  :func:`release_shm_buffers` unlinks each rank's segment as
+   soon as every rank has mapped it — the memory then goes away by itself when the ranks
+   exit, even on a crash — and :func:`remove_shm_buffers` sweeps a finished launch's port.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+SHM_DIR = Path("/dev/shm")
+SHM_PREFIX = "deepspeed_allreduce_buffer"
+STALE_LOCK_S = 900  # no real build of these ops takes 15 minutes, even on 2 busy cores
+OPS = ("AsyncIOBuilder", "ShareMemCommBuilder", "PinMemoryBuilder")
+
+
+def use_env_local_build_dir() -> str | None:
+    """Default ``TORCH_EXTENSIONS_DIR`` to ``<sys.prefix>/torch_extensions`` when this Python
+    is a virtual/conda env we can write to (an explicit setting always wins).  Returns the
+    directory in force, or ``None`` for torch's own default."""
+    if "TORCH_EXTENSIONS_DIR" in os.environ:
+        return os.environ["TORCH_EXTENSIONS_DIR"]
+    prefix = Path(sys.prefix)
+    if prefix == Path(sys.base_prefix) and not (prefix / "conda-meta").is_dir():
+        return None  # a system Python: keep torch's per-user default
+    if not os.access(prefix, os.W_OK):
+        return None
+    os.environ["TORCH_EXTENSIONS_DIR"] = str(prefix / "torch_extensions")
+    return os.environ["TORCH_EXTENSIONS_DIR"]
+
+
+def build_root() -> Path:
+    """The folder that holds one sub-folder per built op."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    return Path(_get_build_directory("async_io", False)).parent
+
+
+def clear_stale_locks(max_age_s: float = STALE_LOCK_S, root: Path | None = None) -> list[Path]:
+    """Remove build ``lock`` files older than ``max_age_s`` (left by a killed build); returns
+    what was removed.  A younger lock belongs to a build in progress and is left alone."""
+    root = Path(root) if root else build_root()
+    removed = []
+    now = time.time()
+    for lock in root.glob("*/lock"):
+        try:
+            if now - lock.stat().st_mtime > max_age_s:
+                lock.unlink()
+                removed.append(lock)
+        except FileNotFoundError:
+            pass
+    return removed
+
+
+def prebuild(names=OPS, log=print, unlock: bool = False) -> dict:
+    """Build (or load from the cache) DeepSpeed's CPU ops now: ``make setup`` calls this so no
+    test or notebook pays minutes of g++ inside a timed step.  ``unlock`` removes every build
+    lock first (setup runs alone; a lock there is from a build that was killed).  Returns
+    seconds per op."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    for lock in clear_stale_locks(0 if unlock else STALE_LOCK_S):
+        log(f"setup: removed the build lock of a killed build: {lock}")
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    took = {}
+    for name in names:
+        t0 = time.perf_counter()
+        acc.create_op_builder(name).load(verbose=False)
+        took[name] = round(time.perf_counter() - t0, 1)
+        log(f"setup: DeepSpeed op {name} ready ({took[name]} s) in {build_root()}")
+    return took
+
+
+# ---------------------------------------------------------------------------- shm all-reduce buffers
+
+def shm_buffers(port: str | int | None = None, rank: int | None = None) -> list[Path]:
+    """This user's DeepSpeed all-reduce segments, optionally of one master port / one rank."""
+    pattern = f"{SHM_PREFIX}_{os.getuid()}_*_{port if port is not None else '*'}_" \
+              f"{rank if rank is not None else '*'}"
+    return sorted(SHM_DIR.glob(pattern)) if SHM_DIR.is_dir() else []
+
+
+def release_shm_buffers() -> int:
+    """Unlink this rank's all-reduce segment once every rank has mapped every segment.
+
+    Call on every rank right after ``deepspeed.init_distributed`` on CPU.  DeepSpeed's
+    ``shm_initialize`` returns only after it has opened all the other ranks' segments, so
+    after a barrier nobody needs the names any more; the mappings stay valid and the kernel
+    frees the memory when the last rank exits.  Returns how many names were unlinked."""
+    port = os.environ.get("MASTER_PORT")
+    if not port:
+        return 0
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return remove_shm_buffers(port, rank)
+
+
+def remove_shm_buffers(port: str | int, rank: int | None = None) -> int:
+    """Unlink the segments of a launch on ``port`` (all ranks, or one); how many were removed."""
+    n = 0
+    for p in shm_buffers(port, rank):
+        try:
+            p.unlink()
+            n += 1
+        except FileNotFoundError:
+            pass
+    return n
+

@@ -1,0 +1,72 @@
+"""DeepSpeed's compiled ops and what they leave behind (bloomkit.dsops).
+
+A real 2-rank CPU launch must leave no shared-memory all-reduce segment in /dev/shm (DeepSpeed
+never frees them: 66 MB per rank per launch); a killed build's lock must not hang later loads;
+the op cache lives inside the environment.
+"""
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from bloomkit import dsops, launch
+from conftest import ROOT
+
+
+def test_ops_build_into_this_environment():
+    out = subprocess.run([sys.executable, "-c", "import bloomkit, os, sys; "
+                          "print(os.environ['TORCH_EXTENSIONS_DIR']); print(sys.prefix)"],
+                         capture_output=True, text=True, check=True,
+                         env={k: v for k, v in os.environ.items() if k != "TORCH_EXTENSIONS_DIR"})
+    ext, prefix = out.stdout.split()
+    assert ext == os.path.join(prefix, "torch_extensions")
+
+
+def test_an_explicit_extensions_dir_wins(tmp_path):
+    out = subprocess.run([sys.executable, "-c", "import bloomkit, os; print(os.environ['TORCH_EXTENSIONS_DIR'])"],
+                         capture_output=True, text=True, check=True,
+                         env={**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path)})
+    assert out.stdout.strip() == str(tmp_path)
+
+
+def test_stale_build_locks_are_removed_fresh_ones_kept(tmp_path):
+    old, new = tmp_path / "async_io" / "lock", tmp_path / "pin_memory" / "lock"
+    for p in (old, new):
+        p.parent.mkdir()
+        p.touch()
+    t = time.time() - dsops.STALE_LOCK_S - 60
+    os.utime(old, (t, t))
+    assert dsops.clear_stale_locks(root=tmp_path) == [old]
+    assert not old.exists() and new.exists()
+    assert dsops.clear_stale_locks(0, root=tmp_path) == [new]
+
+
+@pytest.mark.timeout(200)
+def test_a_two_rank_launch_leaves_no_shm_segments(tmp_path):
+    """Run the launcher directly (not launch.launch, which also sweeps afterwards): the ranks
+    themselves must release their segments."""
+    port = launch.free_port()
+    cmd = launch.launcher_command(ROOT / "recipes" / "ds_inference.py",
+                                  ["--max_new_tokens", "2", "--batch_size", "1",
+                                   "--json_out", str(tmp_path / "r.json")], 2, port=port)
+    env = {**os.environ, **launch.cpu_env(2), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env, cwd=str(ROOT))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "shm" in (proc.stdout + proc.stderr).lower()  # DeepSpeed really used its shm op
+    assert dsops.shm_buffers(port) == []
+
+
+def test_sweep_removes_a_crashed_launchs_segments():
+    port = launch.free_port()
+    made = [dsops.SHM_DIR / f"{dsops.SHM_PREFIX}_{os.getuid()}_127.0.0.1_{port}_{r}" for r in (0, 1)]
+    other = dsops.SHM_DIR / f"{dsops.SHM_PREFIX}_{os.getuid()}_127.0.0.1_{port + 1}_0"
+    for p in (*made, other):
+        p.write_bytes(b"x")
+    try:
+        assert dsops.shm_buffers(port) == made
+        assert dsops.remove_shm_buffers(port) == 2
+        assert dsops.shm_buffers(port) == [] and other.exists()
+    finally:
+        other.unlink(missing_ok=True)
