@@ -135,16 +135,23 @@ def _check_streams(r, ranks=2):
 # ---------------------------------------------------------------------------- quantized
 
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("bits", [8])  # 4 bits: in the notebook test
-def test_quantized_weights_agree_within_bound(tmp_path, bits):
+@pytest.mark.parametrize("bits,dtype", [
+    (8, "fp32"),
+    # the fp32 checkpoint loaded as bf16: DeepSpeed 0.19's quantized_initialization failed here
+    # ("size mismatch", first seen on an H200) until zero.quantized_load_in_model_dtype
+    (4, "bf16"),
+])
+def test_quantized_weights_agree_within_bound(tmp_path, bits, dtype):
     out = tmp_path / "r.json"
-    proc = run_script([RECIPE, "--cpu_offload", "--quant_bits", str(bits), "--batch_size", "4",
-                       "--max_new_tokens", "8", "--verify", "--json_out", str(out)], env=_env())
+    proc = run_script([RECIPE, "--cpu_offload", "--quant_bits", str(bits), "--dtype", dtype,
+                       "--batch_size", "4", "--max_new_tokens", "8", "--verify", "--json_out",
+                       str(out)], env=_env())
     assert proc.returncode == 0, proc.stderr[-2000:]
     r = read_json(out)
     q, b = r["quality"], QUANT_BOUNDS[bits]
     assert q["teacher_forced_top1"] >= b["top1"] and q["logit_rel_rms_err"] <= b["rel_rms"], q
-    full = 4 * zero.memory.param_count(models.load_config(models.resolve_model("tiny")))
+    full = {"fp32": 4, "bf16": 2}[dtype] * zero.memory.param_count(
+        models.load_config(models.resolve_model("tiny")))
     assert r["options"]["zero"]["partition_bytes"] < full * (0.5 if bits == 8 else 0.35)
 
 
@@ -263,3 +270,17 @@ def test_gpu_cpu_offload_bf16(tmp_path):
         for r in read_json(out):
             assert r["cuda_max_allocated_bytes"] and r["ms_per_token"] > 0
             assert r["quality"]["teacher_forced_top1"] >= 0.95, r["quality"]
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(600)
+def test_gpu_cpu_offload_4bit_bf16(tmp_path):
+    """The H200 failure (4-bit quantized_initialization, fp32 checkpoint as bf16) on CUDA."""
+    out = tmp_path / "r.json"
+    proc = run_script([RECIPE, "--name", "small", "--device", "cuda", "--dtype", "bf16",
+                       "--cpu_offload", "--quant_bits", "4", "--batch_size", "1,8",
+                       "--max_new_tokens", "20", "--verify", "--json_out", str(out)], timeout=550)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for r in read_json(out):
+        q, b = r["quality"], QUANT_BOUNDS[4]
+        assert q["teacher_forced_top1"] >= b["top1"] and q["logit_rel_rms_err"] <= b["rel_rms"], q

@@ -34,6 +34,7 @@ load time of NVMe offload is the real one (a small factor of CPU offload).
 from __future__ import annotations
 
 import contextlib
+import functools
 import mmap
 import os
 import shutil
@@ -419,6 +420,43 @@ def hf_deepspeed(config: dict):
         unset_hf_deepspeed_config()
 
 
+@contextlib.contextmanager
+def quantized_load_in_model_dtype():
+    """Work around a DeepSpeed 0.19 bug in ``quantized_initialization`` (4/8-bit weights).
+
+    Under ``zero.Init`` DeepSpeed quantizes each weight twice: the freshly created one (in the
+    model's dtype) and, while loading, the checkpoint's tensor (in the *checkpoint's* dtype),
+    viewing both packed results in the model's dtype.  When the two dtypes differ — an fp32
+    checkpoint loaded as bf16, the usual case — the scales and minimums come out twice as
+    long and ``from_pretrained`` fails with "size mismatch ... consider adding
+    ignore_mismatched_sizes=True" (on CUDA and CPU alike).  Here each incoming weight is cast
+    to the module's dtype before DeepSpeed quantizes it, which is what a plain load does
+    anyway (``copy_`` casts).  Scoped: DeepSpeed's own wrapper is back after the block."""
+    from deepspeed.runtime.zero import partition_parameters as pp
+
+    original = pp.wrap_load_from_state_dict
+
+    def wrap(load_from_state_dict):
+        quantizing = original(load_from_state_dict)
+
+        @functools.wraps(load_from_state_dict)
+        def wrapper(module, state_dict, prefix, *args):
+            key, weight = prefix + "weight", getattr(module, "weight", None)
+            t = state_dict.get(key)
+            if (weight is not None and t is not None and t.is_floating_point()
+                    and t.dtype != weight.dtype):
+                state_dict[key] = t.to(weight.dtype)
+            return quantizing(module, state_dict, prefix, *args)
+
+        return wrapper
+
+    pp.wrap_load_from_state_dict = wrap
+    try:
+        yield
+    finally:
+        pp.wrap_load_from_state_dict = original
+
+
 def load_model(path, dtype: str, config: dict, device: str = "cpu"):
     """The ZeRO-3 model, ready to ``generate``: ``HfDeepSpeedConfig`` first, then
     ``from_pretrained`` (zero.Init), then ``deepspeed.initialize`` -> ``engine.module``."""
@@ -428,7 +466,8 @@ def load_model(path, dtype: str, config: dict, device: str = "cpu"):
 
     from .dtypes import torch_dtype
 
-    with hf_deepspeed(config):
+    quantized = bool(config.get("weight_quantization"))
+    with hf_deepspeed(config), (quantized_load_in_model_dtype() if quantized else contextlib.nullcontext()):
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype(dtype))
     model.eval()
     engine = deepspeed.initialize(model=model, config_params=config)[0]
