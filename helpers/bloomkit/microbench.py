@@ -6,6 +6,13 @@
 * :func:`decode_vs_roofline` — batch-1 decode time next to its memory-bandwidth bound
   (every weight is read once per step: ``weight bytes / measured copy bandwidth``).
 * :func:`offload_slowdown` — disk-offloaded vs in-memory ms/token on the same model.
+* :func:`tp_scaling` — DeepSpeed-Inference AutoTP ms/token for each TP size (real CPU ranks).
+* :func:`preshard_load_ratio` — "start to ready" from per-rank shards vs the full checkpoint.
+* :func:`zero_offload` — ZeRO-Inference ms/token for none / cpu / nvme (+ 4-bit) offload, NVMe
+  next to its disk-read roofline.
+
+The multi-process ones launch the recipes exactly as a user would (``bloomkit.launch``), so
+what they time is the recipe's own record.
 """
 from __future__ import annotations
 
@@ -96,3 +103,96 @@ def offload_slowdown(name: str = "small", batch_size: int = 1, new_tokens: int =
             del model
     out["slowdown"] = out["disk_offload_ms_per_token"] / out["in_memory_ms_per_token"]
     return out
+
+
+# ---------------------------------------------------------------------------- strategies
+
+def _median(xs):
+    return statistics.median(xs) if xs else None
+
+
+def tp_scaling(name: str = "small", tp_sizes=(1, 2, 4), batch_sizes=(1, 8), new_tokens: int = 20,
+               cycles: int = 3, rounds: int = 2) -> dict:
+    """ms/token of AutoTP at each TP size (best of ``rounds`` launches, the rounds interleaved
+    across TP sizes so drift hits all alike) and the ratio to TP = 1 per batch size."""
+    from . import launch
+
+    bs = ",".join(map(str, batch_sizes))
+    best: dict[tuple[int, int], float] = {}
+    for _ in range(rounds):
+        for tp in tp_sizes:
+            recs = launch.launch_records("ds_inference.py", [
+                "--name", name, "--batch_size", bs, "--max_new_tokens", str(new_tokens),
+                "--benchmark", "--cycles", str(cycles)], tp, timeout=900)
+            for r in recs:
+                k = (tp, r["batch_size"])
+                best[k] = min(best.get(k, float("inf")), r["ms_per_token"])
+    rows = [{"tp_size": tp, "batch_size": b, "ms_per_token": best[(tp, b)],
+             "ratio_to_tp1": best[(tp, b)] / best[(tp_sizes[0], b)]}
+            for tp in tp_sizes for b in batch_sizes]
+    return {"model": name, "new_tokens": new_tokens, "cycles": cycles, "rounds": rounds,
+            "cpu_cores": sysinfo.hardware()["cpu_cores"], "rows": rows}
+
+
+def preshard_load_ratio(name: str = "bench", tp_size: int = 2, repeats: int = 3,
+                        dtype: str = "fp32") -> dict:
+    """Start-to-ready of each rank reading only its shard (``--load_shards``) vs every rank
+    loading the full checkpoint, at ``tp_size`` ranks; launches interleaved, medians.
+
+    *warm*: files in the page cache (a restart); *cold*: both evicted first
+    (``posix_fadvise``), like the first start after a download."""
+    from . import launch, tp_shards
+
+    path = models.resolve_model(name)
+    common = ["--dtype", dtype, "--max_new_tokens", "1", "--batch_size", "1"]
+    out = {"model": name, "tp_size": tp_size, "dtype": dtype, "repeats": repeats}
+    with tempfile.TemporaryDirectory(prefix="bloomkit-shards-") as d:
+        launch.launch_records("ds_inference.py", ["--name", name, "--save_shards", d, *common],
+                              tp_size, timeout=900)
+        for mode in ("warm", "cold"):
+            full, shard = [], []
+            for _ in range(repeats):
+                for src, acc in ((["--name", name], full), (["--load_shards", d], shard)):
+                    if mode == "cold":
+                        tp_shards.evict_page_cache(path, d)
+                    rec = launch.launch_records("ds_inference.py", [*src, *common], tp_size,
+                                                timeout=900)[0]
+                    acc.append(rec["load_seconds"])
+            out[mode] = {"full_s": full, "shards_s": shard, "full_median_s": _median(full),
+                         "shards_median_s": _median(shard),
+                         "ratio": _median(shard) / _median(full)}
+        out["shard_bytes_per_rank"] = tp_shards.read_index(d).get("bytes_per_rank")
+    return out
+
+
+def zero_offload(name: str = "small", batch_sizes=(1, 8, 32), new_tokens: int = 20,
+                 cycles: int = 2, dtype: str = "fp32", nvme_dir=None) -> dict:
+    """ZeRO-Inference ms/token for none / cpu / nvme offload and nvme with 4-bit weights, one
+    launch each; NVMe per-token time divided by its disk-read roofline (weight bytes ÷
+    measured O_DIRECT read bandwidth ÷ batch size) and the 4-bit/full speed ratio."""
+    from . import launch, zero
+
+    path = models.resolve_model(name)
+    wbytes = memory.weight_bytes(models.load_config(path), dtype)
+    bs = ",".join(map(str, batch_sizes))
+    with tempfile.TemporaryDirectory(prefix="bloomkit-nvme-", dir=nvme_dir) as nv:
+        read_bw = zero.read_bandwidth(nv)
+        variants = {"none": [], "cpu": ["--cpu_offload"], "nvme": ["--nvme_offload_path", nv],
+                    "nvme 4-bit": ["--nvme_offload_path", nv, "--quant_bits", "4"]}
+        rows = []
+        for label, flags in variants.items():
+            recs = launch.launch_records("ds_zero_inference.py", [
+                "--name", name, "--dtype", dtype, "--batch_size", bs, "--max_new_tokens",
+                str(new_tokens), "--benchmark", "--cycles", str(cycles), *flags], 1,
+                launcher="python", timeout=900)
+            for r in recs:
+                rows.append({"variant": label, "batch_size": r["batch_size"],
+                             "ms_per_token": r["ms_per_token"], "load_s": r["load_seconds"]})
+        read_bw_after = zero.read_bandwidth(nv)
+    ms = {(r["variant"], r["batch_size"]): r["ms_per_token"] for r in rows}
+    nvme_vs_roofline = {b: ms[("nvme", b)] / zero.roofline_ms_per_token(wbytes, read_bw, b)
+                        for b in batch_sizes}
+    return {"model": name, "dtype": dtype, "new_tokens": new_tokens, "weight_bytes": wbytes,
+            "disk_read_GBps": [read_bw / 1e9, read_bw_after / 1e9], "rows": rows,
+            "nvme_over_disk_roofline": nvme_vs_roofline,
+            "nvme_4bit_speedup": {b: ms[("nvme", b)] / ms[("nvme 4-bit", b)] for b in batch_sizes}}

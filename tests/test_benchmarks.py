@@ -1,0 +1,35 @@
+"""The strategy benchmarks (benchmarks/strategies.py) on the tiny model: real launches, the
+numbers they derive are consistent with the records they read."""
+import pytest
+
+from bloomkit import microbench
+
+
+@pytest.mark.timeout(240)
+def test_tp_scaling_ratios_come_from_the_records():
+    out = microbench.tp_scaling("tiny", tp_sizes=(1, 2), batch_sizes=(1, 4), new_tokens=4,
+                                cycles=1, rounds=1)
+    rows = {(r["tp_size"], r["batch_size"]): r for r in out["rows"]}
+    assert set(rows) == {(1, 1), (1, 4), (2, 1), (2, 4)}
+    for (tp, bs), r in rows.items():
+        assert r["ms_per_token"] > 0
+        assert r["ratio_to_tp1"] == pytest.approx(r["ms_per_token"] / rows[(1, bs)]["ms_per_token"])
+
+
+@pytest.mark.timeout(300)
+def test_preshard_load_ratio_measures_both_paths_warm_and_cold():
+    out = microbench.preshard_load_ratio("tiny", 2, repeats=1)
+    for mode in ("warm", "cold"):
+        m = out[mode]
+        assert len(m["full_s"]) == len(m["shards_s"]) == 1
+        assert m["ratio"] == pytest.approx(m["shards_median_s"] / m["full_median_s"])
+    assert len(out["shard_bytes_per_rank"]) == 2
+
+
+@pytest.mark.timeout(300)
+def test_zero_offload_table_and_roofline(tmp_path):
+    out = microbench.zero_offload("tiny", batch_sizes=(2,), new_tokens=2, cycles=1,
+                                  nvme_dir=tmp_path)
+    assert {r["variant"] for r in out["rows"]} == {"none", "cpu", "nvme", "nvme 4-bit"}
+    assert out["nvme_over_disk_roofline"][2] > 0 and out["nvme_4bit_speedup"][2] > 0
+    assert list(tmp_path.iterdir()) == []  # the NVMe folder and its swap files are gone
