@@ -44,8 +44,7 @@ fi
 # all-reduce for CPU ranks, pin_memory): minutes on a small machine. Build them once here, into
 # $venv/torch_extensions (bloomkit.dsops says why there), so no timed step pays for g++.
 ops="$venv/torch_extensions"
-if ! [ -f "$ops/async_io/async_io.so" ] || ! [ -f "$ops/deepspeed_shm_comm/deepspeed_shm_comm.so" ] \
-   || ! [ -f "$ops/pin_memory/pin_memory.so" ]; then
+if ! [ -f "$ops/.bloomkit-prebuilt" ]; then
   echo "setup: building DeepSpeed's CPU ops once (async_io, shm comm, pin_memory; a few minutes)"
   timeout 1200 "$venv/bin/python" -c "from bloomkit import dsops; dsops.prebuild(unlock=True)" \
     || echo "setup: could not prebuild DeepSpeed's ops (needs g++ and libaio-dev); the first run that needs them builds them" >&2

@@ -34,6 +34,7 @@ SHM_DIR = Path("/dev/shm")
 SHM_PREFIX = "deepspeed_allreduce_buffer"
 STALE_LOCK_S = 900  # no real build of these ops takes 15 minutes, even on 2 busy cores
 OPS = ("AsyncIOBuilder", "ShareMemCommBuilder", "PinMemoryBuilder")
+PREBUILT_MARK = ".bloomkit-prebuilt"  # written once every op of OPS this DeepSpeed has is built
 
 
 def use_env_local_build_dir() -> str | None:
@@ -87,10 +88,15 @@ def prebuild(names=OPS, log=print, unlock: bool = False) -> dict:
     acc = get_accelerator()
     took = {}
     for name in names:
+        builder = acc.create_op_builder(name)
+        if builder is None:  # an older DeepSpeed (the legacy stack) without this CPU op
+            log(f"setup: this DeepSpeed has no CPU op {name}; skipped")
+            continue
         t0 = time.perf_counter()
-        acc.create_op_builder(name).load(verbose=False)
+        builder.load(verbose=False)
         took[name] = round(time.perf_counter() - t0, 1)
         log(f"setup: DeepSpeed op {name} ready ({took[name]} s) in {build_root()}")
+    (build_root() / PREBUILT_MARK).write_text(" ".join(took) + "\n")
     return took
 
 
