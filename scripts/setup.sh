@@ -18,6 +18,17 @@ if ! { [ -e /usr/include/libaio.h ] || ldconfig -p 2>/dev/null | grep -q 'libaio
   fi
 fi
 
+# The legacy stack's DeepSpeed (0.15) counts CPU "devices" with `numactl --hardware` in its launcher.
+if [[ "$req" == *legacy* ]] && ! command -v numactl >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "setup: installing numactl (the legacy DeepSpeed launcher on CPU ranks)"
+    (apt-get install -y -q numactl >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q numactl >/dev/null; }) \
+      || echo "setup: could not install numactl; use torchrun for CPU ranks. Run: apt-get install numactl" >&2
+  else
+    echo "setup: numactl is missing (the legacy DeepSpeed launcher needs it on CPU). Run: sudo apt-get install numactl" >&2
+  fi
+fi
+
 # Headless Chromium: the test that opens the HTML report the way a reader would.
 if ! command -v chromium >/dev/null; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then

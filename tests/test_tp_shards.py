@@ -147,3 +147,28 @@ def test_tp1_shards_keep_tied_embeddings(tmp_path):
     p = run("--load_shards", str(d), "--json_out", str(b))
     assert p.returncode == 0, p.stderr[-1500:]
     assert json.loads(a.read_text())["tokens"] == json.loads(b.read_text())["tokens"]
+
+
+def test_plain_tensor_attributes_join_the_state_dict():
+    """DeepSpeed 0.15's AutoTP keeps the fused-qkv bias as a plain tensor (not a Parameter):
+    registered as a buffer it is saved in the shard and loaded back (it was NaN before)."""
+    import torch
+
+    from bloomkit import tp
+
+    class Legacy(torch.nn.Module):  # the shape of DeepSpeed 0.15's LinearLayer(weight, bias=tensor)
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.randn(3, 2))
+            self.bias = torch.randn(3)
+
+        def forward(self, x):
+            return x @ self.weight.T + self.bias
+
+    m = torch.nn.Sequential(Legacy())
+    x = torch.randn(4, 2)
+    before = m(x)
+    assert "0.bias" not in m.state_dict()
+    assert tp.register_plain_tensors(m) == ["0.bias"]
+    assert "0.bias" in m.state_dict() and torch.equal(m(x), before)
+    assert tp.register_plain_tensors(m) == []

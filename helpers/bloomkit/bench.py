@@ -16,7 +16,9 @@ def reference(path, prompts: list[str], max_new_tokens: int):
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    from .dtypes import from_pretrained_dtype
+
+    model = AutoModelForCausalLM.from_pretrained(str(path), **from_pretrained_dtype(torch.float32)).eval()
     tok = models.load_tokenizer(path)
     gen = harness.generate(model, tok, prompts, max_new_tokens, device="cpu", return_scores=True)
     logits = quality.sequence_logits(model, tok, gen.prompts, gen.tokens, device="cpu")

@@ -89,7 +89,8 @@ def prebuild(names=OPS, log=print, unlock: bool = False) -> dict:
     took = {}
     for name in names:
         builder = acc.create_op_builder(name)
-        if builder is None:  # an older DeepSpeed (the legacy stack) without this CPU op
+        if builder is None or type(builder).__name__ == "NotImplementedBuilder":
+            # an older DeepSpeed (the legacy stack: 0.15 has no CPU async_io / pin_memory)
             log(f"setup: this DeepSpeed has no CPU op {name}; skipped")
             continue
         t0 = time.perf_counter()

@@ -37,3 +37,14 @@ def torch_dtype(name: str):
     name = _ALIASES.get(name, name)
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
             "int8": torch.float32}[name]
+
+
+def from_pretrained_dtype(dtype) -> dict:
+    """The keyword that sets the weights' dtype in ``from_pretrained`` / ``from_config``:
+    ``dtype=`` in transformers 5, ``torch_dtype=`` in 4.x (the legacy stack)."""
+    from importlib import metadata
+
+    from packaging.version import Version
+
+    v = Version(metadata.version("transformers"))
+    return {"dtype" if v.major >= 5 else "torch_dtype": dtype}

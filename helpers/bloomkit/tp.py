@@ -258,20 +258,15 @@ def compute_dtype(dtype: str) -> str:
     return INT8_COMPUTE if dtype == "int8" else dtype
 
 
-def _from_pretrained_kw(torch_dtype) -> dict:
-    # transformers 5 calls it ``dtype``; the legacy 4.43 stack only knows ``torch_dtype``
-    return {"torch_dtype" if _le(_version("transformers"), "4.99") else "dtype": torch_dtype}
-
-
 def load_full(path, dtype: str):
     """Every rank reads the *whole* checkpoint into CPU RAM (the blog's unsharded path)."""
     import torch  # noqa: F401
     from transformers import AutoModelForCausalLM
 
-    from .dtypes import torch_dtype
+    from .dtypes import from_pretrained_dtype, torch_dtype
 
     return AutoModelForCausalLM.from_pretrained(
-        str(path), **_from_pretrained_kw(torch_dtype(compute_dtype(dtype)))).eval()
+        str(path), **from_pretrained_dtype(torch_dtype(compute_dtype(dtype)))).eval()
 
 
 def meta_model(config, dtype: str):
@@ -290,11 +285,11 @@ def meta_model(config, dtype: str):
     except ImportError:  # transformers 4.x (the legacy stack)
         from transformers.modeling_utils import no_init_weights
 
-    from .dtypes import torch_dtype
+    from .dtypes import from_pretrained_dtype, torch_dtype
 
     with torch.device("meta"), no_init_weights():
         model = AutoModelForCausalLM.from_config(
-            config, **_from_pretrained_kw(torch_dtype(compute_dtype(dtype))))
+            config, **from_pretrained_dtype(torch_dtype(compute_dtype(dtype))))
     model.tie_weights()
     return model.eval()
 
@@ -315,9 +310,31 @@ def init_engine(model, *, tp_size: int, dtype: str, engine: str, checkpoint=None
         if base_dir is not None:
             kw["base_dir"] = str(base_dir)
     eng = deepspeed.init_inference(model, **kw)
+    register_plain_tensors(eng.module)
     if tp_size > 1 and engine == "autotp":
         keep_alibi_sharded(eng.module)
     return eng
+
+
+def register_plain_tensors(model) -> list[str]:
+    """Make tensors that a module holds as plain attributes part of its ``state_dict``.
+
+    DeepSpeed 0.15's AutoTP (the legacy stack) stores the sliced bias of BLOOM's fused
+    ``query_key_value`` as a plain tensor, not a ``Parameter``: it is then missing from
+    ``state_dict``, so a pre-sharded checkpoint lacked it and the meta-built model kept
+    uninitialised memory there (NaN logits).  Registering each such tensor as a buffer (same
+    attribute name, so ``forward`` is unchanged) puts it in the shard and in the load.
+    Returns the names registered (none on DeepSpeed 0.19)."""
+    import torch
+
+    names = []
+    for mname, module in model.named_modules():
+        for key, value in list(vars(module).items()):
+            if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter):
+                delattr(module, key)
+                module.register_buffer(key, value)
+                names.append(f"{mname}.{key}" if mname else key)
+    return names
 
 
 def keep_alibi_sharded(model) -> None:

@@ -324,7 +324,7 @@ def check_async_io(log=None) -> dict:
         if not compatible:
             return UserError("NVMe offload needs libaio, which was not found (DeepSpeed's async_io op "
                              "links -laio): apt-get install libaio-dev (Debian/Ubuntu) or yum "
-                             f"install libaio-devel, or use --cpu_offload")
+                             "install libaio-devel, or use --cpu_offload")
         if shutil.which(os.environ.get("CXX", "c++")) is None:
             return UserError("NVMe offload builds DeepSpeed's async_io op with a C++ compiler, "
                              "none found: apt-get install g++, or use --cpu_offload")
@@ -464,11 +464,11 @@ def load_model(path, dtype: str, config: dict, device: str = "cpu"):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from .dtypes import torch_dtype
+    from .dtypes import from_pretrained_dtype, torch_dtype
 
     quantized = bool(config.get("weight_quantization"))
     with hf_deepspeed(config), (quantized_load_in_model_dtype() if quantized else contextlib.nullcontext()):
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype(dtype))
+        model = AutoModelForCausalLM.from_pretrained(str(path), **from_pretrained_dtype(torch_dtype(dtype)))
     model.eval()
     engine = deepspeed.initialize(model=model, config_params=config)[0]
     engine.module.eval()
