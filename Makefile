@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PROFILE ?= cpu-tiny
 PIP_EXTRA ?=
 
-.PHONY: setup setup-legacy run test test-gpu lab clean
+.PHONY: setup setup-legacy run test test-gpu test-legacy lab clean
 
 setup:  ## .venv, pinned packages, Jupyter kernel, libaio-dev (quick when done)
 	@bash scripts/setup.sh requirements.txt $(VENV) $(PIP_EXTRA)
@@ -16,11 +16,14 @@ setup-legacy:  ## pinned legacy env (.venv-legacy): DeepSpeed's BLOOM kernel inj
 run: setup  ## execute every notebook headless with PROFILE; results under runs/$(PROFILE)/
 	@$(PY) -m bloomkit.notebooks --profile $(PROFILE) --out runs/$(PROFILE)
 
-test: setup  ## the whole CPU test suite (GPU tests are deselected: see test-gpu)
-	@$(PY) -m pytest -m "not gpu" tests
+test: setup  ## the whole CPU test suite (GPU and legacy-stack tests are deselected: see below)
+	@$(PY) -m pytest -m "not gpu and not legacy" tests
 
 test-gpu: setup  ## tests marked gpu, on a machine with a CUDA GPU
-	@$(PY) -m pytest -m gpu tests
+	@$(PY) -m pytest -m "gpu and not legacy" tests
+
+test-legacy: setup-legacy  ## the legacy stack (.venv-legacy): AutoTP + pre-shards on CPU; kernel injection on a GPU
+	@.venv-legacy/bin/python -m pytest -m legacy tests/test_legacy.py
 
 lab: setup  ## JupyterLab on the notebooks, with the bloomkit kernel
 	@$(VENV)/bin/jupyter lab notebooks
