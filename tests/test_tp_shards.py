@@ -61,6 +61,9 @@ def test_presharded_load_gives_the_same_tokens(saved, shards, reference):
     assert cmp["identical"], cmp["mismatches"]
     assert rec["tokens"] == full["tokens"]
     assert rec["options"]["weight_bytes_per_rank"] == full["options"]["weight_bytes_per_rank"]
+    steps = rec["options"]["load_steps_s"]  # where start-to-ready went, per step
+    assert list(steps) == ["meta_skeleton", "init_inference", "read_shard", "prefault", "assign"]
+    assert sum(steps.values()) <= rec["load_seconds"]
 
 
 def test_wrong_tp_size_is_a_clear_error(shards):

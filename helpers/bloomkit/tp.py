@@ -737,6 +737,7 @@ def run(args) -> list[dict]:
     options = {"kernel_inject": args.kernel_inject, "load_from": source,
                "shards": str(args.load_shards or args.save_shards or "") or None,
                "load_peak_rss_bytes_per_rank": load_rss,
+               "load_steps_s": getattr(model, "_bloomkit_load_steps", None),
                **describe(model, s["config"], s["tp_size"], s["engine"], s["dtype"])}
     kill_hook()
     records = bench.run_variant(
