@@ -7,37 +7,28 @@ set -euo pipefail
 req=${1:-requirements.txt}; venv=${2:-.venv}; shift 2 || true
 stamp="$venv/.bloomkit-$(cat "$req" pyproject.toml | sha1sum | cut -c1-12)"
 
-# System library for ZeRO NVMe offload (needs root; otherwise say exactly what to run).
-if ! { [ -e /usr/include/libaio.h ] || ldconfig -p 2>/dev/null | grep -q 'libaio.so '; }; then
+# apt_need PACKAGE WHY: install a Debian package when root, else print the exact command.
+apt_need() {
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    echo "setup: installing libaio-dev (ZeRO NVMe offload)"
-    (apt-get install -y -q libaio-dev >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q libaio-dev >/dev/null; }) \
-      || echo "setup: could not install libaio-dev; NVMe offload tests will fail. Run: apt-get install libaio-dev" >&2
+    echo "setup: installing $1 ($2)"
+    (apt-get install -y -q "$1" >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q "$1" >/dev/null; }) \
+      || echo "setup: could not install $1 ($2). Run: apt-get install $1" >&2
   else
-    echo "setup: libaio-dev is missing (ZeRO NVMe offload needs it). Run: sudo apt-get install libaio-dev" >&2
+    echo "setup: $1 is missing ($2). Run: sudo apt-get install $1" >&2
   fi
-fi
+}
 
+# System library for ZeRO NVMe offload: DeepSpeed's async_io op links -laio.
+if ! { [ -e /usr/include/libaio.h ] || ldconfig -p 2>/dev/null | grep -q 'libaio.so '; }; then
+  apt_need libaio-dev "ZeRO NVMe offload"
+fi
 # The legacy stack's DeepSpeed (0.15) counts CPU "devices" with `numactl --hardware` in its launcher.
 if [[ "$req" == *legacy* ]] && ! command -v numactl >/dev/null; then
-  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    echo "setup: installing numactl (the legacy DeepSpeed launcher on CPU ranks)"
-    (apt-get install -y -q numactl >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q numactl >/dev/null; }) \
-      || echo "setup: could not install numactl; use torchrun for CPU ranks. Run: apt-get install numactl" >&2
-  else
-    echo "setup: numactl is missing (the legacy DeepSpeed launcher needs it on CPU). Run: sudo apt-get install numactl" >&2
-  fi
+  apt_need numactl "the legacy DeepSpeed launcher on CPU ranks; else use torchrun"
 fi
-
 # Headless Chromium: the test that opens the HTML report the way a reader would.
 if ! command -v chromium >/dev/null; then
-  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    echo "setup: installing chromium (headless check of the HTML report)"
-    (apt-get install -y -q chromium >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; }) \
-      || echo "setup: could not install chromium; the report test will fail. Run: apt-get install chromium" >&2
-  else
-    echo "setup: headless Chromium is missing (report test). Run: sudo apt-get install chromium" >&2
-  fi
+  apt_need chromium "headless check of the HTML report"
 fi
 
 if [ ! -f "$stamp" ]; then
