@@ -49,6 +49,6 @@ ops="$venv/torch_extensions"
 if ! [ -f "$ops/.bloomkit-prebuilt" ]; then
   echo "setup: building DeepSpeed's CPU ops once (async_io, shm comm, pin_memory; a few minutes)"
   timeout 1200 "$venv/bin/python" -c "from bloomkit import dsops; dsops.prebuild(unlock=True)" \
-    || echo "setup: could not prebuild DeepSpeed's ops (needs g++ and libaio-dev); the first run that needs them builds them" >&2
+    || echo "setup: DeepSpeed's ops are not prebuilt (see the line above, or the 20-minute limit); the first run that needs them builds them" >&2
 fi
 echo "setup: ready"

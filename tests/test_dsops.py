@@ -70,3 +70,31 @@ def test_sweep_removes_a_crashed_launchs_segments():
         assert dsops.shm_buffers(port) == [] and other.exists()
     finally:
         other.unlink(missing_ok=True)
+
+
+def test_a_rank_releases_its_own_segment_only(monkeypatch):
+    """``release_shm_buffers`` (what every CPU rank calls after init_distributed) unlinks this
+    rank's name and leaves the other ranks' (each unlinks its own after the barrier)."""
+    port = launch.free_port()
+    mine, other = (dsops.SHM_DIR / f"{dsops.SHM_PREFIX}_{os.getuid()}_127.0.0.1_{port}_{r}"
+                   for r in (0, 1))
+    for p in (mine, other):
+        p.write_bytes(b"x")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    try:
+        assert dsops.release_shm_buffers() == 1  # no process group here: rank 0
+        assert not mine.exists() and other.exists()
+    finally:
+        for p in (mine, other):
+            p.unlink(missing_ok=True)
+
+
+def test_a_failed_op_build_is_one_line(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setenv("CXX", "/nonexistent/c++")
+    proc = subprocess.run([sys.executable, "-c", "from bloomkit import dsops; "
+                           "dsops.prebuild(['ShareMemCommBuilder'], unlock=True)"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith("setup: DeepSpeed op ShareMemCommBuilder did not build")
+    assert not (tmp_path / dsops.PREBUILT_MARK).exists()

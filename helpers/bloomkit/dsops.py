@@ -94,7 +94,12 @@ def prebuild(names=OPS, log=print, unlock: bool = False) -> dict:
             log(f"setup: this DeepSpeed has no CPU op {name}; skipped")
             continue
         t0 = time.perf_counter()
-        builder.load(verbose=False)
+        try:
+            builder.load(verbose=False)
+        except Exception as exc:  # noqa: BLE001 - compiler, linker, missing headers, ...
+            last = (" ".join(str(exc).split()) or type(exc).__name__)[:200]
+            raise SystemExit(f"setup: DeepSpeed op {name} did not build ({last}); it needs g++ "
+                             "(and libaio-dev for async_io); the first run that needs it retries")
         took[name] = round(time.perf_counter() - t0, 1)
         log(f"setup: DeepSpeed op {name} ready ({took[name]} s) in {build_root()}")
     (build_root() / PREBUILT_MARK).write_text(" ".join(took) + "\n")

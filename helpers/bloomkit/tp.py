@@ -274,9 +274,8 @@ def meta_model(config, dtype: str):
 
     ``torch.device("meta")`` creates every tensor on the meta device directly and
     ``no_init_weights`` skips the random init of tensors that hold nothing — 6 ms instead of
-    35 ms for ``bench`` with accelerate's ``init_empty_weights`` (which allocates each
-    parameter on the CPU first, then moves it, and leaves ``lm_head`` untied): that
-    difference is a quarter of a pre-sharded "start to ready"."""
+    35 ms for ``bench`` (warm process) with accelerate's ``init_empty_weights``, which
+    allocates each parameter on the CPU first, then moves it, and leaves ``lm_head`` untied."""
     import torch
     from transformers import AutoModelForCausalLM
 
