@@ -1,13 +1,25 @@
 #!/usr/bin/env python
 """Benchmarks of the foundation (issue 2), measured on this machine; prints and saves JSON.
 
-    python benchmarks/foundation.py [--out benchmarks/results/foundation-cpu.json]
+    python benchmarks/foundation.py [--out benchmarks/results/foundation-cpu.json] [--only PART ...]
+
+Parts: harness_overhead (small), decode_breakdown (bench, fp32 and bf16, batch 1 and 8: decode
+next to its memory and compute bounds, and the matmul kernels alone vs the whole step),
+offload_slowdown (small).  With --only, the other parts already in --out are kept.
 """
 import argparse
 import json
+from pathlib import Path
 
 from bloomkit import microbench, results, sysinfo
 from bloomkit.errors import cli_entry
+
+PARTS = {
+    "harness_overhead": lambda device: [microbench.harness_overhead("small", bs) for bs in (1, 8)],
+    "decode_breakdown": lambda device: [row for dt in ("fp32", "bf16") for row in
+                                        microbench.decode_breakdown("bench", dt, device=device)],
+    "offload_slowdown": lambda device: [microbench.offload_slowdown("small", bs) for bs in (1, 8)],
+}
 
 
 @cli_entry
@@ -15,14 +27,16 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     p.add_argument("--out", default="benchmarks/results/foundation-cpu.json")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--only", nargs="*", choices=list(PARTS), default=list(PARTS))
     args = p.parse_args(argv)
-    out = {"hardware": sysinfo.hardware(), "versions": sysinfo.versions()}
-    out["harness_overhead"] = [microbench.harness_overhead("small", bs) for bs in (1, 8)]
-    out["decode_vs_roofline"] = [microbench.decode_vs_roofline("bench", dt, device=args.device)
-                                 for dt in ("fp32", "bf16")]
-    out["offload_slowdown"] = [microbench.offload_slowdown("small", bs) for bs in (1, 8)]
+    out = {}
+    if set(args.only) != set(PARTS) and Path(args.out).exists():
+        out = json.loads(Path(args.out).read_text())
+    out.update(hardware=sysinfo.hardware(), versions=sysinfo.versions())
+    for part in args.only:
+        out[part] = PARTS[part](args.device)
+        print(part, json.dumps(out[part], indent=1), flush=True)
     results.write_json(args.out, out)
-    print(json.dumps({k: v for k, v in out.items() if k not in ("hardware", "versions")}, indent=1))
 
 
 if __name__ == "__main__":

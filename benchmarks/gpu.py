@@ -43,7 +43,7 @@ def main(argv=None):
     machine = roofline.measure(device="cuda", dtypes=("bf16",))
     out = {"hardware": sysinfo.hardware(), "versions": sysinfo.versions(),
            "machine": machine.to_dict(), "runs": [], "errors": {}}
-    out["decode_vs_roofline"] = microbench.decode_vs_roofline(args.name, "bf16", device="cuda")
+    out["decode_breakdown"] = microbench.decode_breakdown(args.name, "bf16", device="cuda")
     results.write_json(args.out, out)
     common = ["--name", args.name, "--batch_size", args.batch_size, "--max_new_tokens",
               args.max_new_tokens, "--benchmark", "--cycles", args.cycles, "--device", "cuda"]

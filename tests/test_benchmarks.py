@@ -33,3 +33,17 @@ def test_zero_offload_table_and_roofline(tmp_path):
     assert {r["variant"] for r in out["rows"]} == {"none", "cpu", "nvme", "nvme 4-bit"}
     assert out["nvme_over_disk_roofline"][2] > 0 and out["nvme_4bit_speedup"][2] > 0
     assert list(tmp_path.iterdir()) == []  # the NVMe folder and its swap files are gone
+
+
+def test_decode_breakdown_splits_the_step_into_kernels_and_the_rest():
+    rows = microbench.decode_breakdown("tiny", "fp32", batch_sizes=(1, 4), new_tokens=3, cycles=1)
+    assert [r["batch_size"] for r in rows] == [1, 4]
+    for r in rows:
+        assert r["step_ms"] == pytest.approx(r["ms_per_token"] * r["batch_size"])
+        assert r["outside_linears_ms"] == pytest.approx(r["step_ms"] - r["linears_ms"])
+        assert 0 < r["linears_ms"] and 0 < r["linears_share"]
+        assert r["efficiency"] == pytest.approx(max(r["memory_eff"], r["compute_eff"]))
+        assert r["kernel_memory_eff"] == pytest.approx(r["memory_bound_ms"] / r["linears_ms"])
+    # the compute bound grows with the batch, the memory bound does not
+    assert rows[1]["compute_bound_ms"] == pytest.approx(4 * rows[0]["compute_bound_ms"])
+    assert rows[1]["memory_bound_ms"] == rows[0]["memory_bound_ms"]

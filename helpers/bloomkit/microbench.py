@@ -3,8 +3,10 @@
 * :func:`harness_overhead` — is the shared harness free?  The same model and prompts,
   timed by a bare ``tokenize + generate`` loop and by :func:`harness.time_generation`,
   interleaved in one process so drift hits both alike.
-* :func:`decode_vs_roofline` — batch-1 decode time next to its memory-bandwidth bound
-  (every weight is read once per step: ``weight bytes / measured copy bandwidth``).
+* :func:`decode_breakdown` — decode time next to its memory-bandwidth bound (every weight is
+  read once per step: ``weight bytes / measured copy bandwidth``) and its compute bound, and
+  where the step goes: the matmul kernels alone (:func:`roofline.linears_seconds`) vs
+  everything else ``generate`` does.
 * :func:`offload_slowdown` — disk-offloaded vs in-memory ms/token on the same model.
 * :func:`tp_scaling` — DeepSpeed-Inference AutoTP ms/token for each TP size (real CPU ranks).
 * :func:`preshard_load_ratio` — "start to ready" from per-rank shards vs the full checkpoint.
@@ -63,19 +65,44 @@ def harness_overhead(name: str = "small", batch_size: int = 1, new_tokens: int =
             "overhead": mh / mb - 1}
 
 
-def decode_vs_roofline(name: str = "bench", dtype: str = "fp32", new_tokens: int = 20,
-                       cycles: int = 3, device: str = "cpu") -> dict:
-    """Batch-1 ms/token against ``weight_bytes / copy_bandwidth`` (efficiency = bound/measured)."""
+def decode_breakdown(name: str = "bench", dtype: str = "fp32", batch_sizes=(1, 8),
+                     new_tokens: int = 20, cycles: int = 3, device: str = "cpu") -> list[dict]:
+    """One decode step split in two, measured in one process: the model's linear layers run
+    alone (the kernels' ceiling on these shapes) and the rest of ``generate``; each next to
+    the memory bound (``weight bytes / copy bandwidth``) and the compute bound (``2 x
+    parameters x batch / matmul rate`` of square matrices).  ``efficiency`` is the roofline
+    panel's (bound / step); ``kernel_*_eff`` say how much of it the kernels alone reach."""
+    from . import roofline
+
     path, model, tok = _load(name, dtype, device_map="none", device=device)
     config = models.load_config(path)
-    t = harness.time_generation(lambda: harness.generate(model, tok, harness.make_prompts(1), new_tokens),
-                                batch_size=1, max_new_tokens=new_tokens, cycles=cycles)
+    params = memory.param_count(config)
     bw = sysinfo.copy_bandwidth(device=device)
-    bound_ms = memory.weight_bytes(config, dtype) / bw * 1e3
-    return {"model": name, "dtype": dtype, "ms_per_token": t.ms_per_token,
-            "copy_bandwidth_GBps": bw / 1e9, "weight_MB": memory.weight_bytes(config, dtype) / 1e6,
-            "roofline_ms_per_token": bound_ms, "measured_over_roofline": t.ms_per_token / bound_ms,
-            "efficiency": bound_ms / t.ms_per_token}
+    rate = sysinfo.matmul_rate(dtype=roofline._TORCH_DTYPE.get(dtype, dtype), device=device,
+                               n=1024 if device == "cpu" else 8192)
+    mem_ms = memory.weight_bytes(config, dtype) / bw * 1e3
+    rows = []
+    for bs in batch_sizes:
+        prompts = harness.make_prompts(bs)
+        t = harness.time_generation(lambda: harness.generate(model, tok, prompts, new_tokens),
+                                    batch_size=bs, max_new_tokens=new_tokens, cycles=cycles)
+        step_ms = t.ms_per_token * bs
+        lin_ms = roofline.linears_seconds(model, bs) * 1e3
+        comp_ms = 2 * params * bs / rate * 1e3
+        bound = max(mem_ms, comp_ms)
+        rows.append({"model": name, "dtype": dtype, "batch_size": bs,
+                     "ms_per_token": t.ms_per_token, "step_ms": step_ms,
+                     "linears_ms": lin_ms, "outside_linears_ms": step_ms - lin_ms,
+                     "linears_share": lin_ms / step_ms,
+                     "memory_bound_ms": mem_ms, "compute_bound_ms": comp_ms,
+                     "copy_bandwidth_GBps": bw / 1e9, "matmul_GFLOPs": rate / 1e9,
+                     "linears_GBps": memory.weight_bytes(config, dtype) / lin_ms / 1e6,
+                     "linears_GFLOPs": 2 * params * bs / lin_ms / 1e6,
+                     "efficiency": bound / step_ms, "memory_eff": mem_ms / step_ms,
+                     "compute_eff": comp_ms / step_ms,
+                     "kernel_memory_eff": mem_ms / lin_ms, "kernel_compute_eff": comp_ms / lin_ms})
+    del model
+    return rows
 
 
 def offload_slowdown(name: str = "small", batch_size: int = 1, new_tokens: int = 20,

@@ -203,6 +203,38 @@ def step_bounds(config, *, strategy: str, dtype: str, batch_size: int, machine: 
             "tokens_per_step": batch_size * streams}
 
 
+def linears_seconds(model, batch_size: int, repeats: int = 5) -> float:
+    """Seconds to run every ``nn.Linear`` of ``model`` once on a ``[batch_size, in]`` input —
+    the matrix work of one decode step alone, with nothing of ``generate`` around it.
+
+    This is the *attainable* side of the roofline: what the installed matmul kernels reach
+    on these exact shapes (a decode step multiplies a few rows by each weight: GEMV at batch
+    1, a thin GEMM at batch 8 — far from the square matrices of :func:`sysinfo.matmul_rate`).
+    ``step - linears`` is what ``generate`` spends outside the weights (attention,
+    LayerNorm/GELU passes, the logits' sort, Python), ``bound / linears`` what the kernel
+    itself leaves on the table.  Best of ``repeats`` after one warm-up pass."""
+    import torch
+
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    if not linears:
+        raise ValueError("the model has no nn.Linear layers to time")
+    w = linears[0].weight
+    inputs = {n: torch.randn(batch_size, n, dtype=w.dtype, device=w.device)
+              for n in {m.in_features for m in linears}}
+    best = float("inf")
+    with torch.inference_mode():
+        for _ in range(repeats + 1):
+            if w.device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for m in linears:
+                torch.nn.functional.linear(inputs[m.in_features], m.weight, m.bias)
+            if w.device.type == "cuda":
+                torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - t0)
+    return best
+
+
 def _run_threads(record: dict) -> int | None:
     """CPU threads a run used in all: its ranks x each rank's torch threads."""
     per_rank = (record.get("hardware") or {}).get("torch_threads")

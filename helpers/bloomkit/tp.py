@@ -701,9 +701,19 @@ def warm_imports(config) -> None:
     """Import the model class, accelerate and DeepSpeed's layers before the load clock starts:
     "start to ready" then compares reading and placing weights, not Python imports (seconds
     on a busy CPU, the same for every load path)."""
+    import importlib
+
     import accelerate  # noqa: F401
     import deepspeed.module_inject.layers  # noqa: F401
     from transformers import AutoModelForCausalLM
+
+    # imported by DeepSpeed's AutoTP on first use (its expert-parallel map; the GPT-2 block it
+    # compares each layer with): about 35 ms of init_inference on a quiet 2-core machine
+    for mod in ("deepspeed.module_inject.auto_ep_layer", "transformers.models.gpt2.modeling_gpt2"):
+        try:
+            importlib.import_module(mod)
+        except ImportError:  # other DeepSpeed / transformers versions
+            pass
 
     AutoModelForCausalLM._model_mapping[type(config)]
 

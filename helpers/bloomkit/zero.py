@@ -49,7 +49,9 @@ OFFLOAD_MODES = ("none", "cpu", "nvme")
 MIN_AIO_BYTES = 2**20          # DeepSpeed swaps a partition to disk only if it is >= 1 MiB
 AIO_ALIGNED_BYTES = 1024       # ... and pads each one to a multiple of 1 KiB per aio thread
 DEFAULT_BUFFER_COUNT = 5       # DeepSpeed's default: one block's 4 big matrices + 1 prefetched
-AIO = {"block_size": 2**20, "queue_depth": 8, "intra_op_parallelism": 1,
+# block_size is also DeepSpeed's smallest swapped partition (max(1 MiB, block_size)): larger blocks
+# leave every smaller matrix in RAM, which looks like a speed-up but is not offloading
+AIO = {"block_size": MIN_AIO_BYTES, "queue_depth": 8, "intra_op_parallelism": 1,
        "single_submit": False, "overlap_events": True}
 QUANT_BITS = (4, 8)
 SWAP_ROOT = "zero_stage_3"     # DeepSpeed writes DIR/zero_stage_3/<dtype>params/rank<r>/*.swp
