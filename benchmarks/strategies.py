@@ -3,6 +3,8 @@
 
     python benchmarks/strategies.py [--out benchmarks/results/strategies-cpu.json] [--only tp preshard zero]
 
+With --only, the other parts already in --out are kept.
+
 * tp: AutoTP ms/token at TP = 1, 2, 4 on ``small``, batch 1 and 8, ratio to TP = 1;
 * preshard: "start to ready" from per-rank shards vs the full checkpoint at TP = 2 on ``bench``
   (warm and cold page cache);
@@ -13,13 +15,14 @@ Every number is a real launch of the recipes; a run of all three takes about 10 
 """
 import argparse
 import json
+from pathlib import Path
 
 from bloomkit import microbench, results, sysinfo
 from bloomkit.errors import cli_entry
 
 PARTS = {
     "tp": lambda: microbench.tp_scaling("small"),
-    "preshard": lambda: microbench.preshard_load_ratio("bench", 2),
+    "preshard": lambda: microbench.preshard_load_ratio("bench", 2, repeats=5),
     "zero": lambda: microbench.zero_offload("small"),
 }
 
@@ -30,7 +33,10 @@ def main(argv=None):
     p.add_argument("--out", default="benchmarks/results/strategies-cpu.json")
     p.add_argument("--only", nargs="*", choices=sorted(PARTS), default=list(PARTS))
     args = p.parse_args(argv)
-    out = {"hardware": sysinfo.hardware(), "versions": sysinfo.versions()}
+    out = {}
+    if set(args.only) != set(PARTS) and Path(args.out).exists():
+        out = json.loads(Path(args.out).read_text())
+    out.update(hardware=sysinfo.hardware(), versions=sysinfo.versions())
     for part in args.only:
         out[part] = PARTS[part]()
         print(part, json.dumps(out[part], indent=1), flush=True)

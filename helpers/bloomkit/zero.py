@@ -51,7 +51,9 @@ AIO_ALIGNED_BYTES = 1024       # ... and pads each one to a multiple of 1 KiB pe
 DEFAULT_BUFFER_COUNT = 5       # DeepSpeed's default: one block's 4 big matrices + 1 prefetched
 # block_size is also DeepSpeed's smallest swapped partition (max(1 MiB, block_size)): larger blocks
 # leave every smaller matrix in RAM, which looks like a speed-up but is not offloading
-AIO = {"block_size": MIN_AIO_BYTES, "queue_depth": 8, "intra_op_parallelism": 1,
+# intra_op_parallelism 2: each partition is read by two aio threads (halves); on `small`, batch 8 and
+# 32, NVMe steps were ~10 % faster than with one thread (3 interleaved runs), batch 1 the same
+AIO = {"block_size": MIN_AIO_BYTES, "queue_depth": 8, "intra_op_parallelism": 2,
        "single_submit": False, "overlap_events": True}
 QUANT_BITS = (4, 8)
 SWAP_ROOT = "zero_stage_3"     # DeepSpeed writes DIR/zero_stage_3/<dtype>params/rank<r>/*.swp
