@@ -8,10 +8,8 @@ next to its memory and compute bounds, and the matmul kernels alone vs the whole
 offload_slowdown (small).  With --only, the other parts already in --out are kept.
 """
 import argparse
-import json
-from pathlib import Path
 
-from bloomkit import microbench, results, sysinfo
+from bloomkit import microbench
 from bloomkit.errors import cli_entry
 
 PARTS = {
@@ -29,14 +27,7 @@ def main(argv=None):
     p.add_argument("--device", default="cpu")
     p.add_argument("--only", nargs="*", choices=list(PARTS), default=list(PARTS))
     args = p.parse_args(argv)
-    out = {}
-    if set(args.only) != set(PARTS) and Path(args.out).exists():
-        out = json.loads(Path(args.out).read_text())
-    out.update(hardware=sysinfo.hardware(), versions=sysinfo.versions())
-    for part in args.only:
-        out[part] = PARTS[part](args.device)
-        print(part, json.dumps(out[part], indent=1), flush=True)
-    results.write_json(args.out, out)
+    microbench.run_parts(PARTS, args.only, args.out, args.device)
 
 
 if __name__ == "__main__":

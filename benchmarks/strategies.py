@@ -14,10 +14,8 @@ With --only, the other parts already in --out are kept.
 Every number is a real launch of the recipes; a run of all three takes about 10 minutes on 2 cores.
 """
 import argparse
-import json
-from pathlib import Path
 
-from bloomkit import microbench, results, sysinfo
+from bloomkit import microbench
 from bloomkit.errors import cli_entry
 
 PARTS = {
@@ -33,14 +31,7 @@ def main(argv=None):
     p.add_argument("--out", default="benchmarks/results/strategies-cpu.json")
     p.add_argument("--only", nargs="*", choices=sorted(PARTS), default=list(PARTS))
     args = p.parse_args(argv)
-    out = {}
-    if set(args.only) != set(PARTS) and Path(args.out).exists():
-        out = json.loads(Path(args.out).read_text())
-    out.update(hardware=sysinfo.hardware(), versions=sysinfo.versions())
-    for part in args.only:
-        out[part] = PARTS[part]()
-        print(part, json.dumps(out[part], indent=1), flush=True)
-    results.write_json(args.out, out)
+    microbench.run_parts(PARTS, args.only, args.out)
 
 
 if __name__ == "__main__":

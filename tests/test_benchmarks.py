@@ -47,3 +47,25 @@ def test_decode_breakdown_splits_the_step_into_kernels_and_the_rest():
     # the compute bound grows with the batch, the memory bound does not
     assert rows[1]["compute_bound_ms"] == pytest.approx(4 * rows[0]["compute_bound_ms"])
     assert rows[1]["memory_bound_ms"] == rows[0]["memory_bound_ms"]
+
+
+def test_run_parts_keeps_the_parts_it_did_not_run(tmp_path, capsys):
+    import json
+
+    out = tmp_path / "bench.json"
+    parts = {"a": lambda x: {"value": x}, "b": lambda x: {"value": 2 * x}}
+    microbench.run_parts(parts, ["a", "b"], out, 1)
+    microbench.run_parts(parts, ["b"], out, 5)         # only b again: a's result stays
+    got = json.loads(out.read_text())
+    assert got["a"] == {"value": 1} and got["b"] == {"value": 10}
+    assert {"hardware", "versions"} <= set(got)
+    microbench.run_parts(parts, ["a", "b"], out, 3)    # a full run starts over
+    assert json.loads(out.read_text())["a"] == {"value": 3}
+    assert "b {" in capsys.readouterr().out
+
+
+def test_decode_breakdown_refuses_quantized_weights_in_one_line():
+    from bloomkit.errors import UserError
+
+    with pytest.raises(UserError, match="use fp32, bf16 or fp16"):
+        microbench.decode_breakdown("tiny", "int8", batch_sizes=(1,))

@@ -25,6 +25,26 @@ import time
 from . import accel, harness, memory, models, sysinfo
 
 
+def run_parts(parts: dict, only, out_path, *args) -> dict:
+    """Run the named benchmark ``parts`` (name -> function called with ``args``), print each
+    result and write them with the machine's hardware and versions to ``out_path`` (JSON,
+    atomically).  When only some parts run, the others already in ``out_path`` are kept."""
+    import json
+    from pathlib import Path
+
+    from . import results
+
+    out = {}
+    if set(only) != set(parts) and Path(out_path).exists():
+        out = json.loads(Path(out_path).read_text())
+    out.update(hardware=sysinfo.hardware(), versions=sysinfo.versions())
+    for name in only:
+        out[name] = parts[name](*args)
+        print(name, json.dumps(out[name], indent=1), flush=True)
+    results.write_json(out_path, out)
+    return out
+
+
 def _load(name, dtype="fp32", **kw):
     path = models.resolve_model(name)
     return path, accel.load_model(path, dtype, **kw), models.load_tokenizer(path)
@@ -66,20 +86,25 @@ def harness_overhead(name: str = "small", batch_size: int = 1, new_tokens: int =
 
 
 def decode_breakdown(name: str = "bench", dtype: str = "fp32", batch_sizes=(1, 8),
-                     new_tokens: int = 20, cycles: int = 3, device: str = "cpu") -> list[dict]:
+                     new_tokens: int = 20, cycles: int = 3, device: str = "cpu",
+                     machine=None) -> list[dict]:
     """One decode step split in two, measured in one process: the model's linear layers run
     alone (the kernels' ceiling on these shapes) and the rest of ``generate``; each next to
     the memory bound (``weight bytes / copy bandwidth``) and the compute bound (``2 x
     parameters x batch / matmul rate`` of square matrices).  ``efficiency`` is the roofline
-    panel's (bound / step); ``kernel_*_eff`` say how much of it the kernels alone reach."""
+    panel's (bound / step); ``kernel_*_eff`` say how much of it the kernels alone reach.
+    ``machine``: speeds already measured (:func:`roofline.measure`), else measured here."""
     from . import roofline
+    from .errors import UserError
 
+    if dtype not in ("fp32", "bf16", "fp16"):
+        raise UserError(f"decode_breakdown times plain {dtype} weights it cannot multiply; "
+                        "use fp32, bf16 or fp16")
+    machine = machine or roofline.measure(device, dtypes=[dtype])
     path, model, tok = _load(name, dtype, device_map="none", device=device)
     config = models.load_config(path)
     params = memory.param_count(config)
-    bw = sysinfo.copy_bandwidth(device=device)
-    rate = sysinfo.matmul_rate(dtype=roofline._TORCH_DTYPE.get(dtype, dtype), device=device,
-                               n=1024 if device == "cpu" else 8192)
+    bw, rate = machine.copy_bandwidth, machine.matmul_rate(dtype)
     mem_ms = memory.weight_bytes(config, dtype) / bw * 1e3
     rows = []
     for bs in batch_sizes:

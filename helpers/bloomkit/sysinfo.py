@@ -44,6 +44,12 @@ def hardware() -> dict:
     return info
 
 
+def device_memory_bytes(device: str = "cpu") -> int:
+    """Memory of the device a one-process run uses: RAM on the CPU, GPU 0's memory on CUDA."""
+    hw = hardware()
+    return hw["ram_bytes"] if device == "cpu" else hw["gpus"][0]["memory_bytes"]
+
+
 def copy_bandwidth(nbytes: int = 256 * 2**20, device: str = "cpu", repeats: int = 5) -> float:
     """Measured memory bandwidth in bytes/s: a large tensor copy, counting bytes read + written.
 
