@@ -38,7 +38,7 @@ def test_report_files(run_dir):
     paths = report.write_report(out)
     md = paths["markdown"].read_text()
     assert "# Run report: `cpu-tiny`" in md
-    ms = [f"{r['ms_per_token']:.3g}" for r in recs if r["status"] == "ok"]
+    ms = [report.fmt(r["ms_per_token"]) for r in recs if r["status"] == "ok"]
     assert f"| accelerate fp32 | {ms[0]} | {ms[1]} | oom |" in md, md   # the blog-style row
     assert "## Roofline" in md and "| accelerate fp32 | 1 |" in md, md
     assert "published, not measured here" in md and "| ds-inference fp16 | 44.02 |" in md

@@ -94,22 +94,25 @@ def details_table(records):
     return pd.DataFrame.from_dict(rows, orient="index").rename_axis("variant")
 
 
+def fmt(v, floatfmt: str = "{:.3g}") -> str:
+    """One table cell: 3 significant digits, whole numbers with thousands separators from 100
+    up (``1,234`` rather than ``1.23e+03``), empty for missing values."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return ""
+    if isinstance(v, float):
+        if floatfmt == "{:.3g}" and abs(v) >= 100:
+            return f"{v:,.0f}"
+        return floatfmt.format(v)
+    return str(v).replace("|", "\\|")
+
+
 def md_table(df, index: bool = True, floatfmt: str = "{:.3g}") -> str:
     """A DataFrame as a GitHub Markdown table (no extra dependency)."""
-    def cell(v):
-        if v is None or (isinstance(v, float) and math.isnan(v)):
-            return ""
-        if isinstance(v, float):
-            if floatfmt == "{:.3g}" and abs(v) >= 100:
-                return f"{v:,.0f}"
-            return floatfmt.format(v)
-        return str(v).replace("|", "\\|")
-
     cols = [str(c) for c in df.columns]
     head = ([str(df.index.name or "")] if index else []) + cols
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for idx, row in df.iterrows():
-        vals = ([cell(idx)] if index else []) + [cell(v) for v in row.tolist()]
+        vals = ([fmt(idx, floatfmt)] if index else []) + [fmt(v, floatfmt) for v in row.tolist()]
         lines.append("| " + " | ".join(vals) + " |")
     return "\n".join(lines)
 

@@ -727,6 +727,7 @@ def run(args) -> list[dict]:
     s = check_cli(args)
     setup_distributed(s["device"], args.comm_timeout)
     warm_imports(s["config"])
+    barrier()  # every rank starts the load clock together: a rank still importing is not load time
     with harness.PeakRSS() as rss, harness.LoadTimer() as lt:
         model, source = load(args, s)
     load_rss = gather(rss.peak)
