@@ -32,6 +32,9 @@ def test_zero_offload_table_and_roofline(tmp_path):
                                   nvme_dir=tmp_path)
     assert {r["variant"] for r in out["rows"]} == {"none", "cpu", "nvme", "nvme 4-bit"}
     assert out["nvme_over_disk_roofline"][2] > 0 and out["nvme_4bit_speedup"][2] > 0
+    # the disk measured right before and after each NVMe launch
+    assert set(out["disk_read_GBps"]) == {"nvme", "nvme 4-bit"}
+    assert all(len(v) == 2 and min(v) > 0 for v in out["disk_read_GBps"].values())
     assert list(tmp_path.iterdir()) == []  # the NVMe folder and its swap files are gone
 
 

@@ -221,30 +221,37 @@ def zero_offload(name: str = "small", batch_sizes=(1, 8, 32), new_tokens: int = 
                  cycles: int = 2, dtype: str = "fp32", nvme_dir=None) -> dict:
     """ZeRO-Inference ms/token for none / cpu / nvme offload and nvme with 4-bit weights, one
     launch each; NVMe per-token time divided by its disk-read roofline (weight bytes ÷
-    measured O_DIRECT read bandwidth ÷ batch size) and the 4-bit/full speed ratio."""
+    measured O_DIRECT read bandwidth ÷ batch size) and the 4-bit/full speed ratio.
+
+    A virtual disk's bandwidth can change several-fold within minutes, so it is measured right
+    before and right after each NVMe launch, and the roofline uses the mean of the two around
+    the ``nvme`` launch (all measurements are kept)."""
     from . import launch, zero
 
     path = models.resolve_model(name)
     wbytes = memory.weight_bytes(models.load_config(path), dtype)
     bs = ",".join(map(str, batch_sizes))
     with tempfile.TemporaryDirectory(prefix="bloomkit-nvme-", dir=nvme_dir) as nv:
-        read_bw = zero.read_bandwidth(nv)
         variants = {"none": [], "cpu": ["--cpu_offload"], "nvme": ["--nvme_offload_path", nv],
                     "nvme 4-bit": ["--nvme_offload_path", nv, "--quant_bits", "4"]}
-        rows = []
+        rows, disk_bw = [], {}
         for label, flags in variants.items():
+            nvme = "--nvme_offload_path" in flags
+            before = zero.read_bandwidth(nv) if nvme else None
             recs = launch.launch_records("ds_zero_inference.py", [
                 "--name", name, "--dtype", dtype, "--batch_size", bs, "--max_new_tokens",
                 str(new_tokens), "--benchmark", "--cycles", str(cycles), *flags], 1,
                 launcher="python", timeout=900)
+            if nvme:
+                disk_bw[label] = [before / 1e9, zero.read_bandwidth(nv) / 1e9]
             for r in recs:
                 rows.append({"variant": label, "batch_size": r["batch_size"],
                              "ms_per_token": r["ms_per_token"], "load_s": r["load_seconds"]})
-        read_bw_after = zero.read_bandwidth(nv)
+    read_bw = statistics.mean(disk_bw["nvme"]) * 1e9
     ms = {(r["variant"], r["batch_size"]): r["ms_per_token"] for r in rows}
     nvme_vs_roofline = {b: ms[("nvme", b)] / zero.roofline_ms_per_token(wbytes, read_bw, b)
                         for b in batch_sizes}
     return {"model": name, "dtype": dtype, "new_tokens": new_tokens, "weight_bytes": wbytes,
-            "disk_read_GBps": [read_bw / 1e9, read_bw_after / 1e9], "rows": rows,
+            "disk_read_GBps": disk_bw, "rows": rows,
             "nvme_over_disk_roofline": nvme_vs_roofline,
             "nvme_4bit_speedup": {b: ms[("nvme", b)] / ms[("nvme 4-bit", b)] for b in batch_sizes}}
