@@ -50,6 +50,13 @@ def test_report_files(run_dir):
     assert img.size[0] >= 800 and hi - lo > 100   # a real figure, not a blank canvas
 
 
+def test_table_cells_have_one_format():
+    """3 significant digits; from 100 up whole numbers with separators, never 1e+03."""
+    cases = [(0.01234, "0.0123"), (9.87, "9.87"), (99.94, "99.9"), (999.6, "1,000"),
+             (12345.6, "12,346"), (None, ""), (float("nan"), ""), ("a|b", "a\\|b"), (8, "8")]
+    assert [report.fmt(v) for v, _ in cases] == [out for _, out in cases]
+
+
 def test_empty_run_dir_still_reports(tmp_path):
     paths = report.write_report(tmp_path)
     assert "No result records" in paths["markdown"].read_text()
