@@ -94,6 +94,11 @@ def launch_records(script: str | Path, args: list[str], nprocs: int = 1, **kw) -
 
 
 # ---------------------------------------------------------------------------- several nodes
+# On a cluster each node runs one launcher agent; the agents meet at node 0's address.
+# torchrun: every node runs the same command but its --node_rank. deepspeed: one
+# --hostfile lists the nodes (``name slots=N``); normally the launcher on node 0 starts the
+# others over ssh (pdsh), or, with --no_ssh, each node runs it with its own --node_rank,
+# exactly like torchrun. Both start the recipe unchanged: it reads RANK/WORLD_SIZE.
 
 def torchrun_node_command(script: str | Path, args: list[str], *, nnodes: int, node_rank: int,
                           nproc_per_node: int = 1, master_addr: str = "127.0.0.1",
@@ -104,11 +109,28 @@ def torchrun_node_command(script: str | Path, args: list[str], *, nnodes: int, n
             "--master_port", str(master_port), str(script), *args]
 
 
+def hostfile_text(nnodes: int, nproc_per_node: int = 1) -> str:
+    """A DeepSpeed hostfile for ``nnodes`` nodes (``node0 slots=N`` ...). With ``--no_ssh``
+    the names are only labels; with ssh/pdsh they must be the nodes' reachable host names."""
+    return "".join(f"node{n} slots={nproc_per_node}\n" for n in range(nnodes))
+
+
+def deepspeed_node_command(script: str | Path, args: list[str], *, hostfile: str | Path, node_rank: int,
+                           master_addr: str = "127.0.0.1", master_port: int = 29500) -> list[str]:
+    """One node's ``deepspeed --hostfile H --no_ssh --node_rank K`` launcher (one per node)."""
+    return [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile), "--no_ssh",
+            "--node_rank", str(node_rank), "--master_addr", master_addr, "--master_port", str(master_port),
+            "--no_local_rank", str(script), *args]
+
+
 def launch_nodes(script: str | Path, args: list[str], nnodes: int = 2, nproc_per_node: int = 1, *,
-                 device: str = "cpu", timeout: int = 600, env: dict | None = None,
-                 master_addr: str = "127.0.0.1") -> list[subprocess.CompletedProcess]:
-    """Start ``nnodes`` torchrun agents at once on this machine (loopback "nodes") and wait
-    for all; returns each agent's completed process (node 0 first)."""
+                 launcher: str = "torchrun", device: str = "cpu", timeout: int = 600,
+                 env: dict | None = None, master_addr: str = "127.0.0.1") -> list[subprocess.CompletedProcess]:
+    """Start ``nnodes`` launcher agents (``torchrun --nnodes`` or ``deepspeed --hostfile
+    --no_ssh``) at once on this machine (loopback "nodes") and wait for all; returns each
+    agent's completed process (node 0 first)."""
+    if launcher not in ("torchrun", "deepspeed"):
+        raise UserError(f"unknown multi-node launcher {launcher!r}; use torchrun or deepspeed")
     script = Path(script)
     if not script.is_absolute():
         script = RECIPE_DIR / script if (RECIPE_DIR / script).exists() else script
@@ -117,20 +139,29 @@ def launch_nodes(script: str | Path, args: list[str], nnodes: int = 2, nproc_per
         full_env.update(cpu_env(nnodes * nproc_per_node))
     full_env.update(env or {})
     port = free_port()
-    procs = [subprocess.Popen(torchrun_node_command(script, args, nnodes=nnodes, node_rank=n,
-                                                    nproc_per_node=nproc_per_node,
-                                                    master_addr=master_addr, master_port=port),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env=full_env, cwd=str(ROOT)) for n in range(nnodes)]
-    out = []
-    try:
-        for p in procs:
-            so, se = p.communicate(timeout=timeout)
-            out.append(subprocess.CompletedProcess(p.args, p.returncode, so, se))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-        remove_shm_buffers(port)
+    with tempfile.TemporaryDirectory() as d:
+        hostfile = Path(d) / "hostfile"
+        hostfile.write_text(hostfile_text(nnodes, nproc_per_node))
+
+        def command(n: int) -> list[str]:
+            if launcher == "torchrun":
+                return torchrun_node_command(script, args, nnodes=nnodes, node_rank=n,
+                                             nproc_per_node=nproc_per_node, master_addr=master_addr,
+                                             master_port=port)
+            return deepspeed_node_command(script, args, hostfile=hostfile, node_rank=n,
+                                          master_addr=master_addr, master_port=port)
+
+        procs = [subprocess.Popen(command(n), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  env=full_env, cwd=str(ROOT)) for n in range(nnodes)]
+        out = []
+        try:
+            for p in procs:
+                so, se = p.communicate(timeout=timeout)
+                out.append(subprocess.CompletedProcess(p.args, p.returncode, so, se))
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+            remove_shm_buffers(port)
     return out
