@@ -146,6 +146,15 @@ def test_bad_input_is_one_line(args, needles, capsys):
     assert_one_line_error(proc, *needles)
 
 
+def test_int8_without_a_backend_is_one_line(capsys, monkeypatch):
+    # a torch older than 2.3 has no weight-only int8 matmul: hide it to stand for one
+    import torch
+
+    monkeypatch.delattr(torch, "_weight_int8pack_mm")
+    proc = run_recipe_inprocess(["--max_new_tokens", "2", "--dtype", "int8"], capsys)
+    assert_one_line_error(proc, "torch._weight_int8pack_mm", "torch>=2.3", "--dtype bf16")
+
+
 def run_recipe_inprocess(argv, capsys) -> subprocess.CompletedProcess:
     """The recipe's ``main`` in this process (one rank, no launcher): saves the ~3 s start of
     a fresh interpreter per bad-input case; the launched cases below cover real processes."""
