@@ -139,7 +139,8 @@ def test_int8_under_tp_really_stores_int8_shards(tp2_record):
     (["--device", "cuda"], ["no cuda gpu", "--device cpu"]),
     (["--dtype", "fp16"], ["fp16", "--dtype bf16"]),
     (["--kernel_inject", "on"], ["transformers<=4.43.4", "make setup-legacy", "--kernel_inject off"]),
-    (["--kernel_inject", "on", "--dtype", "int8"], ["deepspeed<0.15.2", "--kernel_inject off"]),
+    (["--kernel_inject", "on", "--dtype", "int8"], ["deepspeed<0.15.2", "--kernel_inject off",
+                                                    "--ds_checkpoint", "--save_shards"]),
 ])
 def test_bad_input_is_one_line(args, needles, capsys):
     proc = run_recipe_inprocess(["--max_new_tokens", "2", *args], capsys)
@@ -178,6 +179,40 @@ def test_kernel_inject_choice():
     assert tp.choose_engine("off", "cpu", "int8") == "autotp"
     with pytest.raises(Exception, match="make setup-legacy"):
         tp.choose_engine("on", "cpu", "bf16")
+
+
+def test_kernel_block_accounting():
+    """What the record says of DeepSpeed's fused block (kernel injection runs only on CUDA in
+    the legacy stack): a DeepSpeedBloomInference skeleton with the parameter names DeepSpeed
+    0.15 gives it (built without its CUDA kernels; the GPU test runs the real one)."""
+    import torch
+    from deepspeed.model_implementations.transformers.ds_bloom import DeepSpeedBloomInference
+
+    h, per_rank_heads = 8, 2
+
+    class Part(torch.nn.Module):
+        def __init__(self, **params):
+            super().__init__()
+            for k, v in params.items():
+                setattr(self, k, torch.nn.Parameter(v, requires_grad=False))
+
+    class FusedBlock(DeepSpeedBloomInference):
+        def __init__(self, dtype):
+            torch.nn.Module.__init__(self)  # skeleton: DeepSpeed's __init__ builds CUDA kernels
+            w = lambda *shape: torch.zeros(*shape, dtype=dtype)  # noqa: E731
+            self.attention = Part(attn_qkvw=w(3 * h // 2, h), attn_ow=w(h, h // 2))
+            self.attention.num_attention_heads_per_partition = per_rank_heads
+            self.mlp = Part(inter_w=w(4 * h // 2, h), output_w=w(h, 4 * h // 2))
+            if dtype == torch.int8:
+                for part, name in ((self.attention, "attn_qkvw"), (self.mlp, "inter_w")):
+                    getattr(part, name).scale = torch.ones(4, dtype=torch.float32)
+
+    for dtype, per_byte in ((torch.float16, 2), (torch.int8, 1)):
+        block = FusedBlock(dtype)
+        assert tp.is_kernel_block(block) and tp.heads_on_rank(block) == per_rank_heads
+        assert [n for n, _ in tp.kernel_block_weights(block)] == [f".{w}" for w in tp.KERNEL_BLOCK_WEIGHTS]
+        scales = 2 * 4 * 4 if dtype == torch.int8 else 0
+        assert tp.tp_linear_bytes(block) == (3 * h * h // 2 + h * h // 2 + 2 * h * h + 2 * h * h) * per_byte + scales
 
 
 @pytest.mark.timeout(120)

@@ -3,8 +3,10 @@
 
 On CPU: AutoTP on 2 ranks (DeepSpeed's launcher and torchrun) equals plain ``generate``,
 pre-sharded loads too, and kernel injection stops with one line.  On a CUDA GPU (also marked
-``gpu``): the blog's path — fused kernels in fp16 and DeepSpeed's int8.
+``gpu``): the blog's path — fused kernels in fp16, then DeepSpeed's int8 from the files the
+fp16 run wrote.
 """
+import json
 import subprocess
 import sys
 
@@ -59,13 +61,27 @@ def test_kernel_injection_on_cpu_is_one_line():
 
 @pytest.mark.gpu
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("dtype,min_top1", [("fp16", 0.85), ("int8", 0.6)])
-def test_gpu_kernel_injection(dtype, min_top1):
-    """The blog's path: DeepSpeed's fused BLOOM kernels (fp16) and its int8 on one GPU."""
-    recs = launch.launch_records(RECIPE, ["--device", "cuda", "--dtype", dtype, "--kernel_inject", "on",
-                                          "--name", "small", "--batch_size", "1,8", "--max_new_tokens",
-                                          "20", "--benchmark", "--cycles", "2", "--verify"], 1,
-                                 device="cuda", timeout=850)
-    assert [r["status"] for r in recs] == ["ok", "ok"]
-    assert recs[0]["options"]["engine"] == "kernel-inject"
-    assert recs[0]["quality"]["teacher_forced_top1"] >= min_top1, recs[0]["quality"]
+def test_gpu_kernel_injection_fp16_then_int8(tmp_path):
+    """The blog's path on one GPU: DeepSpeed's fused BLOOM kernels in fp16, which also write
+    DeepSpeed's pre-sharded files (``--save_shards``); then DeepSpeed's int8, quantized while
+    it reads those files onto a meta model (the only way its int8 kernels get int8 weights)."""
+    common = ["--device", "cuda", "--kernel_inject", "on", "--name", "small", "--batch_size", "1,8",
+              "--max_new_tokens", "20", "--benchmark", "--cycles", "2", "--verify"]
+    saved = tmp_path / "ds-fp16"
+    fp16 = launch.launch_records(RECIPE, [*common, "--dtype", "fp16", "--save_shards", str(saved)], 1,
+                                 device="cuda", timeout=420)
+    assert [r["status"] for r in fp16] == ["ok", "ok"]
+    assert fp16[0]["options"]["engine"] == "kernel-inject"
+    assert fp16[0]["quality"]["teacher_forced_top1"] >= 0.85, fp16[0]["quality"]
+    js = saved / "ds_inference_config.json"
+    assert json.loads(js.read_text())["parallelization"] == "tp"
+
+    int8 = launch.launch_records(RECIPE, [*common, "--dtype", "int8", "--ds_checkpoint", str(js),
+                                          "--allow_pickle"], 1, device="cuda", timeout=420)
+    assert [r["status"] for r in int8] == ["ok", "ok"]
+    o = int8[0]["options"]
+    assert o["engine"] == "kernel-inject" and o["load_from"] == "ds_checkpoint"
+    assert o["int8_layers"] > 0 and o["int8_all_int8"], o
+    ratio = o["linear_bytes_per_rank"][0] / fp16[0]["options"]["linear_bytes_per_rank"][0]
+    assert 0.45 <= ratio <= 0.6, ratio  # int8 (+ scales) ~ half of fp16
+    assert int8[0]["quality"]["teacher_forced_top1"] >= 0.6, int8[0]["quality"]

@@ -104,11 +104,11 @@ def test_deepspeed_checkpoint_json_loads_under_torchrun(tiny_path, tmp_path, ref
     assert cmp["identical"], cmp["mismatches"]
 
 
-def _ds_model_json(d, files, tp_size=2):
+def _ds_model_json(d, files, tp_size=2, kind="ds_model"):
     d.mkdir(parents=True, exist_ok=True)
     for f in files:
         (d / f).write_bytes(b"not a real checkpoint")
-    cfg = {"type": "ds_model", "base_dir": "", "version": 1.0, "parallelization": "tp",
+    cfg = {"type": kind, "base_dir": "", "version": 1.0, "parallelization": "tp",
            "tp_size": tp_size, "dtype": "float16",
            "checkpoints": {"non_tp": [f for f in files if "non" in f],
                            "tp": [f for f in files if f.startswith("tp_")]}}
@@ -122,10 +122,37 @@ def test_pickled_checkpoint_needs_allow_pickle(tmp_path, tiny_path):
     assert_one_line_error(proc, "pickle", "arbitrary code", "--allow_pickle")
 
 
-def test_ds_model_format_needs_the_legacy_kernels(tmp_path, tiny_path):
-    js = _ds_model_json(tmp_path / "ds", ["non-tp.pt", "tp_00_00.pt"], tp_size=1)
+# ds_model: the published microsoft/bloom-deepspeed-inference-* repos; bloom: what DeepSpeed's
+# save_mp_checkpoint_path (our --save_shards under kernel injection) writes for a BLOOM model
+@pytest.mark.parametrize("kind", ["ds_model", "bloom"])
+def test_ds_model_format_needs_the_legacy_kernels(tmp_path, tiny_path, kind):
+    js = _ds_model_json(tmp_path / "ds", ["non-tp.pt", "tp_00_00.pt"], tp_size=1, kind=kind)
     proc = run_script([RECIPE, "--name", str(tiny_path), "--ds_checkpoint", str(js), "--allow_pickle"])
-    assert_one_line_error(proc, "ds_model", "--kernel_inject on", "make setup-legacy", "--save_shards")
+    assert_one_line_error(proc, kind, "--kernel_inject on", "make setup-legacy", "--save_shards")
+
+
+def test_ds_checkpoint_checks_for_kernel_injection(tmp_path, tiny_path):
+    """What kernel injection (legacy stack, CUDA) would refuse, checked before any rank starts."""
+    info = tp_shards.read_ds_checkpoint_json(
+        _ds_model_json(tmp_path / "ds", ["non-tp.pt", "tp_00_00.pt", "tp_01_00.pt"], tp_size=2),
+        allow_pickle=True)
+    assert info["kernel_layout"]
+    for n in (1, 2, 4):  # DeepSpeed merges or splits its shards where one size divides the other
+        tp_shards.check_ds_checkpoint(info, tp_size=n, engine="kernel-inject")
+    with pytest.raises(UserError, match="sharded for tp_size 2 but this launch runs TP=3"):
+        tp_shards.check_ds_checkpoint(info, tp_size=3, engine="kernel-inject")
+    # DeepSpeed 0.15's kernel loader reads every listed file with torch.load: no safetensors
+    js = tp_shards.export_bloom_layout(tiny_path, tmp_path / "bloom-layout")
+    flat = tp_shards.read_ds_checkpoint_json(js)
+    assert not flat["kernel_layout"]
+    tp_shards.check_ds_checkpoint(flat, tp_size=2, engine="autotp")
+    with pytest.raises(UserError, match="torch.load.*--kernel_inject off"):
+        tp_shards.check_ds_checkpoint(flat, tp_size=2, engine="kernel-inject")
+    from bloomkit import tp
+
+    assert tp.choose_engine("auto", "cpu", "fp32", flat) == "autotp"
+    with pytest.raises(UserError, match="can torch.load .*not model"):
+        tp.choose_engine("on", "cpu", "fp32", flat)
 
 
 def test_ds_json_errors(tmp_path):

@@ -14,7 +14,13 @@ the partial results back together.  Two engines do that cut:
 * **Kernel injection** (``replace_with_kernel_inject=True``, the blog's path): DeepSpeed's
   fused CUDA inference kernels.  DeepSpeed refuses BLOOM there with transformers > 4.43.4,
   and int8 with DeepSpeed >= 0.15.2, so it needs the pinned legacy environment
-  (``make setup-legacy``) and a CUDA GPU.
+  (``make setup-legacy``) and a CUDA GPU.  Its int8 quantizes the weights only while it
+  reads a checkpoint json (``init_inference(checkpoint=...)`` on a ``meta`` model, as the
+  blog and DeepSpeed's own sharding test do): on a model already in memory DeepSpeed 0.15
+  skips the quantization (``apply_weight_quantization`` is commented out) and its int8
+  kernels then read fp16 weights (DeepSpeed issues #2923, #2956).  So int8 kernels need
+  ``--ds_checkpoint``: DeepSpeed's pre-sharded files, which ``--save_shards`` writes under
+  kernel injection (``save_mp_checkpoint_path``) from an fp16 run.
 
 int8 under TP on the current stack: AutoTP's layers are not ``nn.Linear``, so quantizers
 that look for ``nn.Linear`` (bitsandbytes, torchao's default filter) silently skip them.
@@ -103,26 +109,39 @@ def stack_report(device: str) -> dict:
             "ds_int8_ok": _lt(ds, LEGACY_DEEPSPEED_INT8_BELOW)}
 
 
-def choose_engine(kernel_inject: str, device: str, dtype: str) -> str:
+def choose_engine(kernel_inject: str, device: str, dtype: str, ds_checkpoint: dict | None = None) -> str:
     """``"autotp"`` or ``"kernel-inject"`` for ``--kernel_inject {auto,on,off}``.
 
-    ``auto`` takes kernel injection only where it works (legacy stack + CUDA GPU), else AutoTP;
+    ``auto`` takes kernel injection only where it works (legacy stack + CUDA GPU; for int8 a
+    DeepSpeed checkpoint json to quantize while loading; ``ds_checkpoint``, the parsed
+    ``--ds_checkpoint``, listing files DeepSpeed's kernel loader can read), else AutoTP;
     ``on`` where it cannot work is a one-line error naming what to install or which flag to use.
     """
     if kernel_inject not in KERNEL_INJECT:
         raise UserError(f"unknown --kernel_inject {kernel_inject!r}; use one of {', '.join(KERNEL_INJECT)}")
     rep = stack_report(device)
     works = not rep["kernel_inject_blockers"]
+    int8_blockers = []
     if dtype == "int8" and not rep["ds_int8_ok"]:
-        int8_blocker = (f"deepspeed<{LEGACY_DEEPSPEED_INT8_BELOW} for int8 kernels "
-                        f"(installed {rep['deepspeed']})")
-    else:
-        int8_blocker = None
+        int8_blockers.append(f"deepspeed<{LEGACY_DEEPSPEED_INT8_BELOW} for int8 kernels "
+                             f"(installed {rep['deepspeed']})")
+    if ds_checkpoint is not None:
+        from .tp_shards import kernel_unreadable
+
+        unreadable = kernel_unreadable(ds_checkpoint)
+        if unreadable:
+            int8_blockers.append(f"--ds_checkpoint files it can torch.load (pickled .pt/.bin, not "
+                                 f"{unreadable[0]}; or drop --ds_checkpoint: the model folder loads "
+                                 "directly)")
+    if dtype == "int8" and ds_checkpoint is None:
+        int8_blockers.append("a DeepSpeed checkpoint json to quantize while loading (write one in "
+                             "an fp16 run: --kernel_inject on --dtype fp16 --save_shards DIR; then "
+                             "--ds_checkpoint DIR/ds_inference_config.json --allow_pickle)")
     if kernel_inject == "off":
         return "autotp"
     if kernel_inject == "auto":
-        return "kernel-inject" if works and int8_blocker is None else "autotp"
-    blockers = rep["kernel_inject_blockers"] + ([int8_blocker] if int8_blocker else [])
+        return "kernel-inject" if works and not int8_blockers else "autotp"
+    blockers = rep["kernel_inject_blockers"] + int8_blockers
     if blockers:
         raise UserError("--kernel_inject on: DeepSpeed's BLOOM kernel injection needs "
                         + " and ".join(blockers) + f"; {LEGACY_HINT}, or use --kernel_inject off "
@@ -254,11 +273,15 @@ def kill_hook() -> None:
 
 # ---------------------------------------------------------------------------- loading
 
-def compute_dtype(dtype: str) -> str:
-    return INT8_COMPUTE if dtype == "int8" else dtype
+def compute_dtype(dtype: str, engine: str = "autotp") -> str:
+    """The dtype the model is built in: int8 computes in bf16 under AutoTP; DeepSpeed's int8
+    kernels compute in fp16 (and expect the rest of the model in fp16)."""
+    if dtype == "int8":
+        return "fp16" if engine == "kernel-inject" else INT8_COMPUTE
+    return dtype
 
 
-def load_full(path, dtype: str):
+def load_full(path, dtype: str, engine: str = "autotp"):
     """Every rank reads the *whole* checkpoint into CPU RAM (the blog's unsharded path)."""
     import torch  # noqa: F401
     from transformers import AutoModelForCausalLM
@@ -266,10 +289,10 @@ def load_full(path, dtype: str):
     from .dtypes import from_pretrained_dtype, torch_dtype
 
     return AutoModelForCausalLM.from_pretrained(
-        str(path), **from_pretrained_dtype(torch_dtype(compute_dtype(dtype)))).eval()
+        str(path), **from_pretrained_dtype(torch_dtype(compute_dtype(dtype, engine)))).eval()
 
 
-def meta_model(config, dtype: str):
+def meta_model(config, dtype: str, engine: str = "autotp"):
     """The model skeleton on the meta device: shapes only, no bytes, nothing read.
 
     ``torch.device("meta")`` creates every tensor on the meta device directly and
@@ -288,26 +311,33 @@ def meta_model(config, dtype: str):
 
     with torch.device("meta"), no_init_weights():
         model = AutoModelForCausalLM.from_config(
-            config, **from_pretrained_dtype(torch_dtype(compute_dtype(dtype))))
+            config, **from_pretrained_dtype(torch_dtype(compute_dtype(dtype, engine))))
     model.tie_weights()
     return model.eval()
 
 
-def init_engine(model, *, tp_size: int, dtype: str, engine: str, checkpoint=None, base_dir=None):
-    """``deepspeed.init_inference`` with TP; returns the DeepSpeed engine."""
+def init_engine(model, *, tp_size: int, dtype: str, engine: str, checkpoint=None, base_dir=None,
+                save_dir=None):
+    """``deepspeed.init_inference`` with TP; returns the DeepSpeed engine.
+
+    ``checkpoint``: DeepSpeed's checkpoint json, read by DeepSpeed onto a ``meta`` ``model``.
+    ``save_dir`` (kernel injection): DeepSpeed writes its pre-sharded files there
+    (``save_mp_checkpoint_path``: ``ds_inference_config.json``, ``tp_RR_PP.pt``, ``non-tp.pt``)."""
     import deepspeed
     import torch
 
     from .dtypes import torch_dtype
 
     ds_dtype = torch.int8 if (dtype == "int8" and engine == "kernel-inject") else \
-        torch_dtype(compute_dtype(dtype))
+        torch_dtype(compute_dtype(dtype, engine))
     kw = dict(tensor_parallel={"tp_size": tp_size}, dtype=ds_dtype,
               replace_with_kernel_inject=engine == "kernel-inject")
     if checkpoint is not None:
         kw["checkpoint"] = checkpoint
         if base_dir is not None:
             kw["base_dir"] = str(base_dir)
+    if save_dir is not None:
+        kw["save_mp_checkpoint_path"] = str(save_dir)
     eng = deepspeed.init_inference(model, **kw)
     register_plain_tensors(eng.module)
     if tp_size > 1 and engine == "autotp":
@@ -360,9 +390,10 @@ def keep_alibi_sharded(model) -> None:
     model.transformer.register_forward_pre_hook(hook, with_kwargs=True)
 
 
-def tp_model(path, dtype: str, *, tp_size: int, engine: str):
+def tp_model(path, dtype: str, *, tp_size: int, engine: str, save_dir=None):
     """Full load + ``init_inference``: the TP-sharded model of this rank (int8 quantized)."""
-    eng = init_engine(load_full(path, dtype), tp_size=tp_size, dtype=dtype, engine=engine)
+    eng = init_engine(load_full(path, dtype, engine), tp_size=tp_size, dtype=dtype, engine=engine,
+                      save_dir=save_dir)
     model = eng.module
     if dtype == "int8" and engine == "autotp":
         quantize_tp_linears(model)
@@ -473,6 +504,41 @@ def int8_layers(model) -> list[tuple[str, object]]:
     return [(n, m) for n, m in model.named_modules() if type(m).__name__ == cls_name]
 
 
+# DeepSpeed's fused block (kernel injection) replaces a BloomBlock's four linears with these
+# parameters of ``DeepSpeedBloomInference`` (int8: each carries its scales as ``.scale``)
+KERNEL_BLOCK_WEIGHTS = ("attention.attn_qkvw", "attention.attn_ow", "mlp.inter_w", "mlp.output_w")
+
+
+def is_kernel_block(module) -> bool:
+    """A block replaced by DeepSpeed's fused kernels (``DeepSpeedTransformerInference``)."""
+    return any(c.__name__ == "DeepSpeedTransformerInference" for c in type(module).__mro__)
+
+
+def kernel_block_weights(model) -> list[tuple[str, object]]:
+    """``(name, tensor)`` of the fused blocks' linear weights (empty under AutoTP)."""
+    out = []
+    for n, m in model.named_modules():
+        if is_kernel_block(m):
+            for w in KERNEL_BLOCK_WEIGHTS:
+                mod_name, attr = w.rsplit(".", 1)
+                t = getattr(m.get_submodule(mod_name), attr, None)
+                if t is not None:
+                    out.append((f"{n}.{w}", t))
+    return out
+
+
+def heads_on_rank(block) -> int:
+    """Attention heads this rank computes in ``block`` (its share of the ALiBi slopes):
+    ``self_attention.num_heads`` for a BloomBlock under AutoTP, ``attention.
+    num_attention_heads_per_partition`` for DeepSpeed's fused block."""
+    attn = getattr(block, "self_attention", None) or getattr(block, "attention", None)
+    for name in ("num_heads", "num_attention_heads_per_partition"):
+        v = getattr(attn, name, None)
+        if isinstance(v, int):
+            return v
+    return 0
+
+
 # ---------------------------------------------------------------------------- what a rank holds
 
 def rank_weight_bytes(model) -> int:
@@ -501,6 +567,10 @@ def tp_linear_bytes(model) -> int:
             total += m.weight_int8.numel() + m.weight_scale.numel() * m.weight_scale.element_size()
         elif type(m).__name__ == "Linear" and n.startswith("transformer.h."):  # TP=1: nn.Linear
             total += m.weight.numel() * m.weight.element_size()
+    for _, t in kernel_block_weights(model):
+        scale = getattr(t, "scale", None)
+        total += t.numel() * t.element_size() + (
+            scale.numel() * scale.element_size() if hasattr(scale, "numel") else 0)
     return total
 
 
@@ -512,8 +582,7 @@ def block_shapes(model, block: int = 0) -> dict:
     for n, t in list(model.named_parameters()) + list(model.named_buffers()):
         if n.startswith(prefix) or n.startswith("lm_head") or "word_embeddings." in n:
             out[n.replace(prefix, f"h.{block}.")] = f"{list(t.shape)} {str(t.dtype).replace('torch.', '')}"
-    attn = model.transformer.h[block].self_attention
-    out["attention_heads_on_rank"] = int(getattr(attn, "num_heads", 0))
+    out["attention_heads_on_rank"] = heads_on_rank(model.transformer.h[block])
     out[f"h.{block}.layer_types"] = {
         n.replace(prefix, ""): type(m).__name__ for n, m in model.named_modules()
         if n.startswith(prefix) and n.count(".") == 4}
@@ -564,13 +633,18 @@ def describe(model, config, tp_size: int, engine: str, dtype: str) -> dict:
     """Facts for the result record: per-rank bytes (gathered), rank 0's shapes, ALiBi split.
     Collective: every rank must call it."""
     per_rank = gather(rank_weight_bytes(model))
-    heads = gather(int(getattr(model.transformer.h[0].self_attention, "num_heads", 0)))
+    heads = gather(heads_on_rank(model.transformer.h[0]))
     info = {"tp_size": tp_size, "engine": engine, "weight_bytes_per_rank": per_rank,
             "linear_bytes_per_rank": gather(tp_linear_bytes(model)),
             "heads_per_rank": heads, "alibi_heads": alibi_heads(config, tp_size)}
     if is_main():
         info["rank0_shapes"] = block_shapes(model)
-    if dtype == "int8":
+    if dtype == "int8" and engine == "kernel-inject":
+        weights = kernel_block_weights(model)
+        info["int8_layers"] = len(weights)
+        info["int8_kernel"] = "DeepSpeed's fused int8 kernels (group-wise scales, quantized while loading)"
+        info["int8_all_int8"] = bool(weights) and all(str(t.dtype) == "torch.int8" for _, t in weights)
+    elif dtype == "int8":
         layers = int8_layers(model)
         info["int8_layers"] = len(layers)
         info["int8_kernel"] = "torch._weight_int8pack_mm (per-channel weight-only int8)"
@@ -609,7 +683,9 @@ def add_flags(parser) -> None:
                    help="on: DeepSpeed's fused CUDA kernels (legacy env + CUDA only); off: AutoTP; "
                         "auto: kernel injection where it works, else AutoTP")
     g.add_argument("--save_shards", default=None, metavar="DIR",
-                   help="write each rank's TP shard (safetensors) to DIR once (then run as usual)")
+                   help="write each rank's TP shard (safetensors) to DIR once (then run as usual); "
+                        "under kernel injection DeepSpeed's own pre-sharded files (load them with "
+                        "--ds_checkpoint)")
     g.add_argument("--load_shards", default=None, metavar="DIR",
                    help="load only this rank's shard from DIR (written by --save_shards)")
     g.add_argument("--ds_checkpoint", default=None, metavar="JSON",
@@ -652,18 +728,25 @@ def check_cli(args) -> dict:
     config = load_config(s["path"])
     tp_size = args.tp_size or world_size()
     check_tp(config, tp_size, world_size(), s["device"])
-    engine = choose_engine(args.kernel_inject, s["device"], s["dtype"])
-    if s["dtype"] == "int8":
-        check_int8(s["device"], engine)
-    if args.load_shards:
-        tp_shards.check_shards(args.load_shards, tp_size=tp_size, dtype=s["dtype"], engine=engine)
     s["ds"] = None
     if args.ds_checkpoint:
         s["ds"] = tp_shards.read_ds_checkpoint_json(args.ds_checkpoint,
                                                     allow_pickle=args.allow_pickle)
-        if s["ds"]["type"].lower() == "ds_model" and engine != "kernel-inject":
-            tp_shards.load_ds_checkpoint(s["ds"], None, dtype=s["dtype"], tp_size=tp_size,
-                                         engine=engine)  # raises the one-line error
+    engine = choose_engine(args.kernel_inject, s["device"], s["dtype"], s["ds"])
+    if s["dtype"] == "int8":
+        check_int8(s["device"], engine)
+    if args.load_shards:
+        tp_shards.check_shards(args.load_shards, tp_size=tp_size, dtype=s["dtype"], engine=engine)
+    if s["ds"] is not None:
+        tp_shards.check_ds_checkpoint(s["ds"], tp_size=tp_size, engine=engine)
+    if args.save_shards and engine == "kernel-inject":
+        if args.ds_checkpoint:
+            raise UserError("--ds_checkpoint is already DeepSpeed's pre-sharded format; drop "
+                            "--save_shards (or use --kernel_inject off to write bloomkit shards)")
+        if s["dtype"] == "int8":
+            raise UserError("under kernel injection --save_shards writes DeepSpeed's fp16 files and "
+                            "int8 is quantized while reading them: save with --dtype fp16, then run "
+                            "--dtype int8 --ds_checkpoint DIR/ds_inference_config.json --allow_pickle")
     if args.save_shards:
         tp_shards.prepare_dir(args.save_shards)
     s.update(tp_size=tp_size, engine=engine, config=config)
@@ -694,7 +777,9 @@ def load(args, s: dict):
         return tp_shards.load_rank_shard(args.load_shards, device=s["device"], **kw), "shards"
     if s["ds"] is not None:
         return tp_shards.load_ds_checkpoint(s["ds"], s["config"], **kw), "ds_checkpoint"
-    return tp_model(s["path"], **kw), "full"
+    # kernel injection: DeepSpeed writes its own pre-sharded files while it cuts the model
+    save_dir = args.save_shards if s["engine"] == "kernel-inject" else None
+    return tp_model(s["path"], save_dir=save_dir, **kw), "full"
 
 
 def warm_imports(config) -> None:
@@ -731,7 +816,16 @@ def run(args) -> list[dict]:
     with harness.PeakRSS() as rss, harness.LoadTimer() as lt:
         model, source = load(args, s)
     load_rss = gather(rss.peak)
-    if args.save_shards:
+    if args.save_shards and s["engine"] == "kernel-inject":
+        barrier()  # every rank has written its tp_RR_PP.pt files (inside init_inference)
+        if is_main():
+            tp_shards.copy_model_files(s["path"], args.save_shards)
+            print(f"DeepSpeed wrote {s['tp_size']} rank(s) of {s['label']} in its kernel layout "
+                  f"(pickled .pt files) to {args.save_shards}; start from them with --ds_checkpoint "
+                  f"{Path(args.save_shards) / 'ds_inference_config.json'} --allow_pickle "
+                  "(--dtype fp16, or int8 quantized while loading)", flush=True)
+        barrier()
+    elif args.save_shards:
         path = tp_shards.save_rank_shard(model, args.save_shards, tp_size=s["tp_size"],
                                          rank=rank(), dtype=s["dtype"])
         sizes = gather(path.stat().st_size)

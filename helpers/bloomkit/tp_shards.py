@@ -20,8 +20,10 @@ repos, and the anchor script's ``checkpoints.json``) is a JSON file: ``type`` (`
 ``tp_size``, ``dtype``, ``version``, ``base_dir``.  DeepSpeed loads ``.pt``/``.bin`` files
 listed there with ``torch.load(weights_only=False)``, i.e. **pickle: a file can run
 arbitrary code when loaded** — :func:`read_ds_checkpoint_json` refuses them unless the user
-passes ``--allow_pickle`` for files they trust.  ``type: ds_model`` files are in the layout of
-DeepSpeed's fused kernels and only load with kernel injection (the legacy environment).
+passes ``--allow_pickle`` for files they trust.  Pre-sharded files (``type: ds_model``, or
+``parallelization: tp`` — what ``save_mp_checkpoint_path`` writes, ``type: bloom``) are in the
+layout of DeepSpeed's fused kernels and only load with kernel injection (the legacy
+environment); that is also the only way DeepSpeed's int8 kernels get quantized weights.
 """
 from __future__ import annotations
 
@@ -72,14 +74,21 @@ def save_rank_shard(model, out_dir, *, tp_size: int, rank: int, dtype: str) -> P
     return path
 
 
+def copy_model_files(source, out_dir) -> None:
+    """Config, generation config and tokenizer files of ``source`` (no weights) into
+    ``out_dir``, so a shard folder is also a model folder (``--name DIR``)."""
+    out = Path(out_dir)
+    for f in Path(source).iterdir():
+        if f.is_file() and not f.name.endswith(".safetensors") and f.name not in (
+                "model.safetensors.index.json", INDEX) and not f.name.endswith(".lock"):
+            shutil.copy2(f, out / f.name)
+
+
 def write_index(out_dir, *, source, tp_size: int, dtype: str, engine: str, name: str,
                 bytes_per_rank: list[int], source_path=None) -> Path:
     """Rank 0, after every rank saved: the index, plus config and tokenizer files."""
     out, source = Path(out_dir), Path(source)
-    for f in source.iterdir():
-        if f.is_file() and not f.name.endswith(".safetensors") and f.name not in (
-                "model.safetensors.index.json", INDEX) and not f.name.endswith(".lock"):
-            shutil.copy2(f, out / f.name)
+    copy_model_files(source, out)
     files = [shard_name(r, tp_size) for r in range(tp_size)]
     stale = sorted(p.name for p in out.glob("tp-rank*.safetensors") if p.name not in files)
     for s in stale:  # shards of another TP size left from an earlier run would mislead
@@ -233,8 +242,8 @@ def evict_page_cache(*paths) -> int:
 def read_ds_checkpoint_json(path, *, allow_pickle: bool = False) -> dict:
     """Parse DeepSpeed's ``checkpoints.json`` / ``ds_inference_config.json``.
 
-    Returns ``{"type", "files" (all, absolute), "tp_files", "non_tp_files", "tp_size",
-    "dtype", "base_dir", "pickled", "data"}``; refuses pickled files without ``allow_pickle``.
+    Returns ``{"type", "kernel_layout", "files" (all, absolute), "tp_files", "non_tp_files",
+    "tp_size", "dtype", "base_dir", "pickled", "data"}``; refuses pickled files without ``allow_pickle``.
     """
     p = Path(path).expanduser()
     if not p.is_file():
@@ -271,7 +280,9 @@ def read_ds_checkpoint_json(path, *, allow_pickle: bool = False) -> dict:
     kind = str(data["type"])
     if kind.lower() not in ("bloom", "ds_model"):
         raise UserError(f"{path}: type {kind!r} is not a BLOOM checkpoint; expected BLOOM or ds_model")
-    return {"type": kind, "files": files, "tp_files": tp_files, "non_tp_files": non_tp,
+    kernel_layout = kind.lower() == "ds_model" or data.get("parallelization") == "tp"
+    return {"type": kind, "kernel_layout": kernel_layout, "files": files, "tp_files": tp_files,
+            "non_tp_files": non_tp,
             "tp_size": data.get("tp_size"), "dtype": data.get("dtype"), "base_dir": base,
             "pickled": pickled, "data": data, "path": p}
 
@@ -288,30 +299,53 @@ def _read_state_dict(path: Path) -> dict:
     return torch.load(str(path), map_location="cpu", weights_only=True)
 
 
+def check_ds_checkpoint(info: dict, *, tp_size: int, engine: str) -> None:
+    """Can this launch load DeepSpeed's json ``info``?  Checked on every rank before the
+    process group starts, so a mismatch is one line, not a hang."""
+    if info["kernel_layout"]:
+        if engine != "kernel-inject":
+            raise UserError(f"{info['path'].name} is DeepSpeed's pre-sharded kernel-injection "
+                            f"format (type {info['type']}): it loads only with --kernel_inject on, in "
+                            "the legacy environment on CUDA (make setup-legacy); on this stack load "
+                            "the unsharded model and write shards with --save_shards")
+        n = int(info["tp_size"] or 0)
+        # DeepSpeed merges (fewer ranks) or splits (more ranks) its shards while loading, as
+        # the blog's int8 run did (the 8-way int8 repo on 4 GPUs), when one size divides the other
+        if n and tp_size % n and n % tp_size:
+            raise UserError(f"{info['path'].name} was sharded for tp_size {n} but this launch runs "
+                            f"TP={tp_size}; launch a divisor or multiple of {n} ranks")
+    unreadable = kernel_unreadable(info) if engine == "kernel-inject" else []
+    if unreadable:
+        raise UserError(f"DeepSpeed's kernel injection reads the files of {info['path'].name} "
+                        f"with torch.load, which cannot read {unreadable[0]}; drop --ds_checkpoint "
+                        "(the model folder loads directly) or use --kernel_inject off")
+
+
+def kernel_unreadable(info: dict) -> list[str]:
+    """Files of DeepSpeed's json that its kernel-injection loader (``torch.load`` on each
+    listed file, DeepSpeed 0.15) cannot read: everything but pickled checkpoints."""
+    return [f.name for f in info["files"] if f.suffix not in PICKLE_SUFFIXES]
+
+
 def load_ds_checkpoint(info: dict, config, *, dtype: str, tp_size: int, engine: str):
     """This rank's TP model from DeepSpeed's checkpoint json.
 
-    * ``type: ds_model`` (per-rank ``tp_RR_MM.pt`` files of the published repos): DeepSpeed's
-      kernel-injection layout — only ``init_inference(checkpoint=json,
-      replace_with_kernel_inject=True)`` reads it (legacy environment, CUDA).
+    * pre-sharded (``type: ds_model`` — per-rank ``tp_RR_MM.pt`` files of the published repos
+      — or ``parallelization: tp``, what ``--save_shards`` writes under kernel injection):
+      DeepSpeed's kernel-injection layout — only ``init_inference(checkpoint=json,
+      replace_with_kernel_inject=True)`` reads it (legacy environment, CUDA).  It quantizes
+      to int8 while reading when ``dtype`` is int8.
     * ``type: BLOOM`` (a list of ordinary, unsharded files, keys with or without the
       ``transformer.`` prefix): with kernel injection DeepSpeed reads them itself, as the
-      anchor script did; with AutoTP every rank reads every file into a meta-built model
-      (DeepSpeed 0.19's AutoTP checkpoint loader leaves BLOOM's head count unsplit), and
-      ``init_inference`` cuts it — correct, but not faster than the full load: write
-      bloomkit shards (``--save_shards``) for fast starts.
+      anchor script did (with ``torch.load``: pickled ``.bin``/``.pt`` files only); with
+      AutoTP every rank reads every file into a meta-built model (DeepSpeed 0.19's AutoTP
+      checkpoint loader leaves BLOOM's head count unsplit), and ``init_inference`` cuts it —
+      correct, but not faster than the full load: write bloomkit shards (``--save_shards``)
+      for fast starts.
     """
-    if info["type"].lower() == "ds_model":
-        if engine != "kernel-inject":
-            raise UserError(f"{info['path'].name} is DeepSpeed's pre-sharded kernel-injection "
-                            "format (type ds_model): it loads only with --kernel_inject on, in the "
-                            "legacy environment on CUDA (make setup-legacy); on this stack load "
-                            "the unsharded model and write shards with --save_shards")
-        if info["tp_size"] and int(info["tp_size"]) != tp_size:
-            raise UserError(f"{info['path'].name} was sharded for tp_size {info['tp_size']} but "
-                            f"this launch runs TP={tp_size}; launch {info['tp_size']} ranks")
+    check_ds_checkpoint(info, tp_size=tp_size, engine=engine)
     if engine == "kernel-inject":
-        model = tp.meta_model(config, dtype)
+        model = tp.meta_model(config, dtype, engine)
         return tp.init_engine(model, tp_size=tp_size, dtype=dtype, engine=engine,
                               checkpoint=str(info["path"]), base_dir=info["base_dir"]).module
     model = tp.meta_model(config, dtype)
