@@ -1,9 +1,9 @@
 """Strategy 2 (DeepSpeed-Inference TP): real multi-rank launches on CPU (gloo).
 
 TP=2 and TP=4 equal single-process fp32 ``generate`` token for token (tiny, and a 6-head
-BLOOM built here); int8 really stores the rank's shards as int8; bad input is one line;
-a killed rank ends the launch; two "nodes" on loopback (torchrun --nnodes, deepspeed
---hostfile --no_ssh); the notebook runs.
+BLOOM built here); bf16 slices are half the bytes and close to fp32; int8 really stores the
+rank's shards as int8; bad input is one line; a killed rank ends the launch; two "nodes" on
+loopback (torchrun --nnodes, deepspeed --hostfile --no_ssh); the notebook runs.
 """
 import json
 import os
@@ -110,6 +110,17 @@ def test_six_heads_tp2_is_token_identical(tmp_path, tiny_path):
     _assert_identical(ref, rec)
     assert rec["options"]["heads_per_rank"] == [3, 3]
     assert rec["options"]["rank0_shapes"]["h.0.self_attention.query_key_value.weight"].startswith("[144, 96]")
+
+
+@pytest.mark.timeout(300)
+def test_tp2_bf16_on_cpu(tp2_record):
+    """bf16 under TP on CPU ranks: bf16 slices (half the fp32 bytes), close to fp32."""
+    rec = _launch(2, ["--dtype", "bf16", "--verify"])
+    o = rec["options"]
+    assert o["rank0_shapes"]["h.0.self_attention.query_key_value.weight"].endswith("bfloat16")
+    assert [2 * b for b in o["linear_bytes_per_rank"]] == tp2_record["options"]["linear_bytes_per_rank"]
+    q = rec["quality"]
+    assert q["teacher_forced_top1"] >= 0.9 and q["logit_rel_rms_err"] <= 0.05, q  # tiny: 0.97, 0.019
 
 
 @pytest.mark.timeout(300)
