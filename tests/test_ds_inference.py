@@ -299,3 +299,22 @@ def test_gpu_tp1_bf16_kernel_inject_auto(tmp_path):
     assert o["engine"] in ("autotp", "kernel-inject")
     assert rec[0]["cuda_max_allocated_bytes"] > 0
     assert rec[0]["quality"]["teacher_forced_top1"] >= 0.85, rec[0]["quality"]  # bf16 vs fp32 (H200: 0.90)
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(200)
+def test_gpu_more_ranks_than_gpus_is_one_line(tmp_path):
+    import torch
+
+    n = torch.cuda.device_count() + 1
+    out = tmp_path / "r.json"
+    # deepspeed --num_gpus n: the launcher starts n ranks anyway (torchrun would too, but adds
+    # a traceback of its own when a rank fails)
+    proc = launch.launch(RECIPE, ["--device", "cuda", "--json_out", str(out)], n, device="cuda",
+                         check=False, timeout=180)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error")]
+    assert errors and all(f"{n} ranks on this node but only {n - 1} GPU" in e and "--num_gpus" in e
+                          for e in errors), proc.stderr[-2000:]
+    assert not out.exists()
+
