@@ -239,11 +239,12 @@ def test_bad_input_on_two_ranks_fails_all_ranks(tmp_path):
 
 
 @pytest.mark.timeout(120)
-def test_killed_rank_ends_the_launch(tmp_path):
+@pytest.mark.parametrize("launcher", ["deepspeed", "torchrun"])
+def test_killed_rank_ends_the_launch(tmp_path, launcher):
     out = tmp_path / "r.json"
     t0 = time.perf_counter()
     proc = launch.launch(RECIPE, ["--max_new_tokens", "50", "--json_out", str(out)], 2, check=False,
-                         timeout=100, env={tp.KILL_HOOK_ENV: "1"})
+                         timeout=100, env={tp.KILL_HOOK_ENV: "1"}, launcher=launcher)
     elapsed = time.perf_counter() - t0
     assert proc.returncode != 0
     assert elapsed < 60, elapsed
