@@ -43,6 +43,9 @@ LEGACY_TRANSFORMERS_MAX = "4.43.4"   # BLOOM kernel injection raises after this
 LEGACY_DEEPSPEED_INT8_BELOW = "0.15.2"  # init_inference(dtype=torch.int8) refused from here
 LEGACY_HINT = ("create the pinned legacy environment with `make setup-legacy` "
                "(requirements-legacy.txt) on a CUDA machine")
+# DeepSpeed's int8 kernels quantize only while reading its checkpoint json: the two runs that get there
+KERNEL_INT8_ROUTE = ("--kernel_inject on --dtype fp16 --save_shards DIR, then --dtype int8 "
+                     "--ds_checkpoint DIR/ds_inference_config.json --allow_pickle")
 INT8_COMPUTE = "bf16"  # int8 weights, bf16 activations (the blog: int8 weights, fp16 compute)
 KILL_HOOK_ENV = "BLOOMKIT_TEST_KILL_RANK"  # tests: this rank SIGKILLs itself before generating
 
@@ -134,9 +137,7 @@ def choose_engine(kernel_inject: str, device: str, dtype: str, ds_checkpoint: di
                                  f"{unreadable[0]}; or drop --ds_checkpoint: the model folder loads "
                                  "directly)")
     if dtype == "int8" and ds_checkpoint is None:
-        int8_blockers.append("a DeepSpeed checkpoint json to quantize while loading (write one in "
-                             "an fp16 run: --kernel_inject on --dtype fp16 --save_shards DIR; then "
-                             "--ds_checkpoint DIR/ds_inference_config.json --allow_pickle)")
+        int8_blockers.append(f"a DeepSpeed checkpoint json to quantize while loading ({KERNEL_INT8_ROUTE})")
     if kernel_inject == "off":
         return "autotp"
     if kernel_inject == "auto":
@@ -745,8 +746,7 @@ def check_cli(args) -> dict:
                             "--save_shards (or use --kernel_inject off to write bloomkit shards)")
         if s["dtype"] == "int8":
             raise UserError("under kernel injection --save_shards writes DeepSpeed's fp16 files and "
-                            "int8 is quantized while reading them: save with --dtype fp16, then run "
-                            "--dtype int8 --ds_checkpoint DIR/ds_inference_config.json --allow_pickle")
+                            f"int8 is quantized while reading them: {KERNEL_INT8_ROUTE}")
     if args.save_shards:
         tp_shards.prepare_dir(args.save_shards)
     s.update(tp_size=tp_size, engine=engine, config=config)
