@@ -192,6 +192,17 @@ def test_kernel_inject_choice():
         tp.choose_engine("on", "cpu", "bf16")
 
 
+def test_recipes_take_the_deepspeed_launchers_local_rank():
+    """`deepspeed recipes/x.py` (the README's command) appends --local_rank=K to each rank; the
+    launches in these tests use that exact form (no --no_local_rank), so they cover it. Found on
+    the H200: DeepSpeed 0.15.1's launcher does the same and the recipes refused the flag."""
+    from bloomkit import cli
+
+    assert cli.common_parser("x").parse_args(["--local_rank=1"]).local_rank == 1
+    assert "--no_local_rank" not in launch.launcher_command(RECIPE, [], 2)
+    assert "--no_local_rank" not in launch.deepspeed_node_command(RECIPE, [], hostfile="h", node_rank=0)
+
+
 def test_kernel_block_accounting():
     """What the record says of DeepSpeed's fused block (kernel injection runs only on CUDA in
     the legacy stack): a DeepSpeedBloomInference skeleton with the parameter names DeepSpeed

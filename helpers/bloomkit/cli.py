@@ -79,6 +79,9 @@ def common_parser(description: str) -> Parser:
                         "estimated need exceeds it are recorded as oom")
     g.add_argument("--device", choices=["cpu", "cuda"], default=None,
                    help="default: cuda when available, else cpu")
+    # `deepspeed script.py` appends --local_rank=K to each rank's command line (unless it is given
+    # --no_local_rank); the rank itself is read from LOCAL_RANK, which every launcher sets.
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     return p
 
 

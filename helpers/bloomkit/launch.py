@@ -38,7 +38,7 @@ def launcher_command(script: str | Path, args: list[str], nprocs: int, launcher:
     # (a venv, or a --target install on a GPU box), with this interpreter.
     if launcher == "deepspeed":
         return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_accelerators", str(nprocs), "--master_port",
-                str(port), "--no_local_rank", script, *args]
+                str(port), script, *args]
     if launcher == "torchrun":
         return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nprocs), "--master_addr",
                 "127.0.0.1", "--master_port", str(port), script, *args]
@@ -120,7 +120,7 @@ def deepspeed_node_command(script: str | Path, args: list[str], *, hostfile: str
     """One node's ``deepspeed --hostfile H --no_ssh --node_rank K`` launcher (one per node)."""
     return [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile), "--no_ssh",
             "--node_rank", str(node_rank), "--master_addr", master_addr, "--master_port", str(master_port),
-            "--no_local_rank", str(script), *args]
+            str(script), *args]
 
 
 def launch_nodes(script: str | Path, args: list[str], nnodes: int = 2, nproc_per_node: int = 1, *,
