@@ -15,7 +15,8 @@ import argparse
 import json
 import time
 
-from bloomkit import launch, microbench, results, roofline, sysinfo
+from bloomkit import launch, microbench, results, sysinfo
+from bloomkit.measure import roofline
 from bloomkit.errors import cli_entry
 
 RUNS = [  # (label, recipe, extra args)

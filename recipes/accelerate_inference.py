@@ -11,7 +11,9 @@ The blog's ``bloom-accelerate-inference.py``, on today's libraries.  Examples::
     python recipes/accelerate_inference.py --name bigscience/bloom --dtype bf16 \\
         --device_map balanced_low_0 --batch_size 1,8,16,32 --benchmark
 """
-from bloomkit import accel, cli
+from bloomkit import cli
+from bloomkit.measure import bench
+from bloomkit.strategies import accel
 from bloomkit.errors import cli_entry
 
 
@@ -35,7 +37,7 @@ def main(argv=None):
 
     options = {"device_map": args.device_map, "max_memory": args.max_memory,
                "offload_folder": args.offload_folder}
-    cli.run(args, strategy="accelerate", load=load, options=options)
+    bench.run_recipe(args, strategy="accelerate", load=load, options=options)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ The blog's ``bloom-ds-inference.py`` on today's libraries; run one process per r
     deepspeed --num_gpus 8 recipes/ds_inference.py --name bigscience/bloom --dtype bf16 \\
         --batch_size 1,8,16,32 --benchmark
 """
-from bloomkit import cli, tp
+from bloomkit import cli
+from bloomkit.strategies import tp
 from bloomkit.errors import cli_entry
 
 

@@ -15,7 +15,9 @@ The blog's ``bloom-ds-zero-inference.py`` on today's libraries.  Examples::
 """
 import copy
 
-from bloomkit import cli, harness, memory, models, results, zero
+from bloomkit import cli, memory, models, results
+from bloomkit.measure import bench, harness
+from bloomkit.strategies import zero
 from bloomkit.errors import UserError, cli_entry
 
 
@@ -84,7 +86,7 @@ def main(argv=None):
         run_args = copy.copy(args)
         run_args.verify, run_args.json_out = False, None
     with zero.swap_session(args.nvme_offload_path, rank):
-        records = cli.run(run_args, strategy="ds-zero", load=load, options=options,
+        records = bench.run_recipe(run_args, strategy="ds-zero", load=load, options=options,
                           world_size=world, generate_fn=gen_fn, is_main=rank == 0,
                           token_multiplier=world)
     if world > 1 and rank == 0:

@@ -4,7 +4,8 @@ import sys
 
 import pytest
 
-from bloomkit import accel, bench
+from bloomkit.measure import bench
+from bloomkit.strategies import accel
 from conftest import assert_one_line_error, read_json, run_script
 
 RECIPE = "recipes/accelerate_inference.py"

@@ -13,7 +13,9 @@ import time
 
 import pytest
 
-from bloomkit import bench, harness, launch, quality, tp
+from bloomkit import dist, launch
+from bloomkit.measure import bench, harness, quality
+from bloomkit.strategies import autotp, bloom, tp
 from conftest import NOTEBOOKS, ROOT, assert_one_line_error, run_script
 
 RECIPE = "recipes/ds_inference.py"
@@ -52,7 +54,7 @@ def tp2_record(tp2_records):
 
 def test_tp2_batch_1_is_token_identical(tiny_path, tp2_records):
     # one row, no padding: transformers then skips the alibi builder DeepSpeed shards per rank
-    # unless an attention mask is passed (bloomkit.tp.keep_alibi_sharded)
+    # unless an attention mask is passed (bloomkit.strategies.tp.keep_alibi_sharded)
     ref = bench.reference(tiny_path, harness.make_prompts(1), N_NEW)[0]
     assert tp2_records[0]["batch_size"] == 1
     _assert_identical(ref, tp2_records[0])
@@ -65,17 +67,17 @@ def test_tp2_is_token_identical_and_shards_the_block(reference, tp2_record, tiny
     o = rec["options"]
     assert rec["world_size"] == 2 and o["tp_size"] == 2 and o["engine"] == "autotp"
     shapes, h = o["rank0_shapes"], 64
-    assert shapes["h.0.self_attention.query_key_value.weight"].startswith(f"[{3 * h // 2}, {h}]")
-    assert shapes["h.0.self_attention.dense.weight"].startswith(f"[{h}, {h // 2}]")
-    assert shapes["h.0.mlp.dense_h_to_4h.weight"].startswith(f"[{4 * h // 2}, {h}]")
-    assert shapes["h.0.mlp.dense_4h_to_h.weight"].startswith(f"[{h}, {4 * h // 2}]")
-    types = shapes["h.0.layer_types"]
+    assert shapes["layers.0.self_attention.query_key_value.weight"].startswith(f"[{3 * h // 2}, {h}]")
+    assert shapes["layers.0.self_attention.dense.weight"].startswith(f"[{h}, {h // 2}]")
+    assert shapes["layers.0.mlp.dense_h_to_4h.weight"].startswith(f"[{4 * h // 2}, {h}]")
+    assert shapes["layers.0.mlp.dense_4h_to_h.weight"].startswith(f"[{h}, {4 * h // 2}]")
+    types = shapes["layers.0.layer_types"]
     assert types["self_attention.dense"] == types["mlp.dense_4h_to_h"] == "LinearAllreduce"
     assert o["heads_per_rank"] == [2, 2] and o["alibi_heads"] == [[0, 1], [2, 3]]
     # the planned (config-only) table agrees with what AutoTP really did
     from bloomkit import models
-    plan = tp.planned_shapes(models.load_config(tiny_path), 2).set_index("weight")
-    assert plan.loc["self_attention.dense", "per-rank shape"] == [h, h // 2]
+    plan = autotp.planned_shapes(models.load_config(tiny_path), 2).set_index("weight")
+    assert plan.loc["self_attention.dense", "rank 0 shape"] == [h, h // 2]
 
 
 @pytest.mark.timeout(300)
@@ -109,7 +111,7 @@ def test_six_heads_tp2_is_token_identical(tmp_path, tiny_path):
     rec = _launch(2, ["--name", str(path)])
     _assert_identical(ref, rec)
     assert rec["options"]["heads_per_rank"] == [3, 3]
-    assert rec["options"]["rank0_shapes"]["h.0.self_attention.query_key_value.weight"].startswith("[144, 96]")
+    assert rec["options"]["rank0_shapes"]["layers.0.self_attention.query_key_value.weight"].startswith("[144, 96]")
 
 
 @pytest.mark.timeout(300)
@@ -117,7 +119,7 @@ def test_tp2_bf16_on_cpu(tp2_record):
     """bf16 under TP on CPU ranks: bf16 slices (half the fp32 bytes), close to fp32."""
     rec = _launch(2, ["--dtype", "bf16", "--verify"])
     o = rec["options"]
-    assert o["rank0_shapes"]["h.0.self_attention.query_key_value.weight"].endswith("bfloat16")
+    assert o["rank0_shapes"]["layers.0.self_attention.query_key_value.weight"].endswith("bfloat16")
     assert [2 * b for b in o["linear_bytes_per_rank"]] == tp2_record["options"]["linear_bytes_per_rank"]
     q = rec["quality"]
     assert q["teacher_forced_top1"] >= 0.9 and q["logit_rel_rms_err"] <= 0.05, q  # tiny: 0.97, 0.019
@@ -130,9 +132,9 @@ def test_int8_under_tp_really_stores_int8_shards(tp2_record):
     assert o["int8_layers"] == 4 * 2 and o["int8_all_int8"]
     for name in ("self_attention.query_key_value", "self_attention.dense", "mlp.dense_h_to_4h",
                  "mlp.dense_4h_to_h"):
-        assert o["rank0_shapes"][f"h.0.{name}.weight_int8"].endswith("int8"), name
-        assert f"h.0.{name}.weight" not in o["rank0_shapes"], name  # no float copy left
-        assert o["rank0_shapes"]["h.0.layer_types"][name] == "Int8TPLinear"
+        assert o["rank0_shapes"][f"layers.0.{name}.weight_int8"].endswith("int8"), name
+        assert f"layers.0.{name}.weight" not in o["rank0_shapes"], name  # no float copy left
+        assert o["rank0_shapes"]["layers.0.layer_types"][name] == "Int8TPLinear"
     # block linears per rank: int8 (+ bf16 scales) ~ half of bf16 = a quarter of fp32
     fp32 = tp2_record["options"]["linear_bytes_per_rank"]
     for i8, f32 in zip(o["linear_bytes_per_rank"], fp32):
@@ -186,10 +188,10 @@ def run_recipe_inprocess(argv, capsys) -> subprocess.CompletedProcess:
 
 
 def test_kernel_inject_choice():
-    assert tp.choose_engine("auto", "cpu", "fp32") == "autotp"
-    assert tp.choose_engine("off", "cpu", "int8") == "autotp"
+    assert bloom.choose_engine("auto", "cpu", "fp32") == "autotp"
+    assert bloom.choose_engine("off", "cpu", "int8") == "autotp"
     with pytest.raises(Exception, match="make setup-legacy"):
-        tp.choose_engine("on", "cpu", "bf16")
+        bloom.choose_engine("on", "cpu", "bf16")
 
 
 def test_recipes_take_the_deepspeed_launchers_local_rank():
@@ -231,10 +233,10 @@ def test_kernel_block_accounting():
 
     for dtype, per_byte in ((torch.float16, 2), (torch.int8, 1)):
         block = FusedBlock(dtype)
-        assert tp.is_kernel_block(block) and tp.heads_on_rank(block) == per_rank_heads
-        assert [n for n, _ in tp.kernel_block_weights(block)] == [f".{w}" for w in tp.KERNEL_BLOCK_WEIGHTS]
+        assert bloom.is_kernel_block(block) and autotp.heads_on_rank(block) == per_rank_heads
+        assert [n for n, _ in bloom.kernel_block_weights(block)] == [f".{w}" for w in bloom.KERNEL_BLOCK_WEIGHTS]
         scales = 2 * 4 * 4 if dtype == torch.int8 else 0
-        assert tp.tp_linear_bytes(block) == (3 * h * h // 2 + h * h // 2 + 2 * h * h + 2 * h * h) * per_byte + scales
+        assert autotp.tp_linear_bytes(block) == (3 * h * h // 2 + h * h // 2 + 2 * h * h + 2 * h * h) * per_byte + scales
 
 
 @pytest.mark.timeout(120)
@@ -255,7 +257,7 @@ def test_killed_rank_ends_the_launch(tmp_path, launcher):
     out = tmp_path / "r.json"
     t0 = time.perf_counter()
     proc = launch.launch(RECIPE, ["--max_new_tokens", "50", "--json_out", str(out)], 2, check=False,
-                         timeout=100, env={tp.KILL_HOOK_ENV: "1"}, launcher=launcher)
+                         timeout=100, env={dist.KILL_HOOK_ENV: "1"}, launcher=launcher)
     elapsed = time.perf_counter() - t0
     assert proc.returncode != 0
     assert elapsed < 60, elapsed
@@ -294,7 +296,7 @@ def test_notebook_02_runs_and_records(tmp_path):
     assert any(r["options"].get("load_from") == "shards" for r in recs)
     assert time.perf_counter() - t0 < 150
     shapes = [r for r in recs if r["world_size"] == 2][0]["options"]["rank0_shapes"]
-    assert shapes["h.0.layer_types"]["self_attention.dense"] == "LinearAllreduce"
+    assert shapes["layers.0.layer_types"]["self_attention.dense"] == "LinearAllreduce"
 
 
 # ---------------------------------------------------------------------------- GPU

@@ -10,7 +10,8 @@ import time
 
 import pytest
 
-from bloomkit import launch, models, zero
+from bloomkit import launch, models
+from bloomkit.strategies import zero
 from conftest import ROOT, assert_one_line_error, read_json, run_script
 
 RECIPE = "recipes/ds_zero_inference.py"

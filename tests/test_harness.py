@@ -5,7 +5,8 @@ import threading
 import pytest
 import torch
 
-from bloomkit import harness, quality, results
+from bloomkit import results
+from bloomkit.measure import harness, quality
 from bloomkit.errors import UserError
 
 

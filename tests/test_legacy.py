@@ -12,7 +12,8 @@ import sys
 
 import pytest
 
-from bloomkit import bench, harness, launch, quality
+from bloomkit import launch
+from bloomkit.measure import bench, harness, quality
 from conftest import RECIPES, assert_one_line_error
 
 pytestmark = pytest.mark.legacy

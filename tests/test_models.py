@@ -3,7 +3,8 @@ import json
 
 import pytest
 
-from bloomkit import harness, models, quality
+from bloomkit import models
+from bloomkit.measure import harness, quality
 from bloomkit.errors import UserError
 
 

@@ -1,7 +1,8 @@
 """Memory planner against hand-computed BLOOM arithmetic and the blog's claims."""
 import pytest
 
-from bloomkit import memory, planner
+from bloomkit import memory
+from bloomkit.measure import planner
 from bloomkit.errors import UserError
 
 # Hand computation for BLOOM-176B (h = 14336, 70 blocks, vocab 250880):

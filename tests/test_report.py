@@ -5,7 +5,9 @@ import subprocess
 
 import pytest
 
-from bloomkit import accel, bench, memory, models, report, results
+from bloomkit import memory, models, results
+from bloomkit.measure import bench, report
+from bloomkit.strategies import accel
 
 
 def chromium() -> str:

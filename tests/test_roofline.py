@@ -1,7 +1,8 @@
 """Roofline bounds: hand-computed cases (the anchor's blog checks) and a measured run."""
 import pytest
 
-from bloomkit import memory, models, planner, roofline
+from bloomkit import memory, models
+from bloomkit.measure import planner, roofline
 
 BLOOM = planner.model_dims("BLOOM-176B")
 W_BF16 = 2 * 176_247_271_424            # 352.5 GB (see test_planner)
@@ -92,7 +93,8 @@ def test_cpu_threads_scale_the_compute_bound_and_one_zero_rank_copies_nothing():
 
 
 def test_measured_machine_and_a_real_record(tiny_path):
-    from bloomkit import accel, bench
+    from bloomkit.measure import bench
+    from bloomkit.strategies import accel
 
     m = roofline.measure("cpu", dtypes=("fp32",))
     assert m.copy_bandwidth > 1e8 and m.link_bandwidth > 1e8 and m.matmul_rate("fp32") > 1e8

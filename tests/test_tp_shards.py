@@ -7,7 +7,9 @@ import json
 
 import pytest
 
-from bloomkit import bench, harness, launch, quality, tp_shards
+from bloomkit import launch
+from bloomkit.measure import bench, harness, quality
+from bloomkit.strategies import autotp, bloom, tp_shards
 from bloomkit.errors import UserError
 from conftest import assert_one_line_error, run_script
 
@@ -95,7 +97,7 @@ def test_missing_shard_is_a_clear_error(shards, tmp_path):
 
 @pytest.mark.timeout(200)
 def test_deepspeed_checkpoint_json_loads_under_torchrun(tiny_path, tmp_path, reference):
-    js = tp_shards.export_bloom_layout(tiny_path, tmp_path / "bloom-layout")
+    js = bloom.export_bloom_layout(tiny_path, tmp_path / "bloom-layout")
     rec = launch.launch_records(RECIPE, ["--name", str(tiny_path), "--ds_checkpoint", str(js),
                                          "--max_new_tokens", str(N_NEW), "--batch_size", str(BS)],
                                 2, launcher="torchrun", timeout=180)[0]
@@ -133,38 +135,38 @@ def test_ds_model_format_needs_the_legacy_kernels(tmp_path, tiny_path, kind):
 
 def test_ds_checkpoint_checks_for_kernel_injection(tmp_path, tiny_path):
     """What kernel injection (legacy stack, CUDA) would refuse, checked before any rank starts."""
-    info = tp_shards.read_ds_checkpoint_json(
+    info = bloom.read_ds_checkpoint_json(
         _ds_model_json(tmp_path / "ds", ["non-tp.pt", "tp_00_00.pt", "tp_01_00.pt"], tp_size=2),
         allow_pickle=True)
     assert info["kernel_layout"]
     for n in (1, 2, 4):  # DeepSpeed merges or splits its shards where one size divides the other
-        tp_shards.check_ds_checkpoint(info, tp_size=n, engine="kernel-inject")
+        bloom.check_ds_checkpoint(info, tp_size=n, engine="kernel-inject")
     with pytest.raises(UserError, match="sharded for tp_size 2 but this launch runs TP=3"):
-        tp_shards.check_ds_checkpoint(info, tp_size=3, engine="kernel-inject")
+        bloom.check_ds_checkpoint(info, tp_size=3, engine="kernel-inject")
     # DeepSpeed 0.15's kernel loader reads every listed file with torch.load: no safetensors
-    js = tp_shards.export_bloom_layout(tiny_path, tmp_path / "bloom-layout")
-    flat = tp_shards.read_ds_checkpoint_json(js)
+    js = bloom.export_bloom_layout(tiny_path, tmp_path / "bloom-layout")
+    flat = bloom.read_ds_checkpoint_json(js)
     assert not flat["kernel_layout"]
-    tp_shards.check_ds_checkpoint(flat, tp_size=2, engine="autotp")
+    bloom.check_ds_checkpoint(flat, tp_size=2, engine="autotp")
     with pytest.raises(UserError, match="torch.load.*--kernel_inject off"):
-        tp_shards.check_ds_checkpoint(flat, tp_size=2, engine="kernel-inject")
-    from bloomkit import tp
+        bloom.check_ds_checkpoint(flat, tp_size=2, engine="kernel-inject")
+    from bloomkit.strategies import tp
 
-    assert tp.choose_engine("auto", "cpu", "fp32", flat) == "autotp"
+    assert bloom.choose_engine("auto", "cpu", "fp32", flat) == "autotp"
     with pytest.raises(UserError, match="can torch.load .*not model"):
-        tp.choose_engine("on", "cpu", "fp32", flat)
+        bloom.choose_engine("on", "cpu", "fp32", flat)
 
 
 def test_ds_json_errors(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
-        tp_shards.read_ds_checkpoint_json(tmp_path / "none.json")
+        bloom.read_ds_checkpoint_json(tmp_path / "none.json")
     bad = tmp_path / "c.json"
     bad.write_text(json.dumps({"type": "BLOOM", "checkpoints": ["missing.safetensors"], "version": 1}))
     with pytest.raises(UserError, match="missing file"):
-        tp_shards.read_ds_checkpoint_json(bad)
+        bloom.read_ds_checkpoint_json(bad)
     bad.write_text(json.dumps({"checkpoints": []}))
     with pytest.raises(UserError, match="lacks type"):
-        tp_shards.read_ds_checkpoint_json(bad)
+        bloom.read_ds_checkpoint_json(bad)
 
 
 @pytest.mark.timeout(120)
@@ -184,7 +186,7 @@ def test_plain_tensor_attributes_join_the_state_dict():
     registered as a buffer it is saved in the shard and loaded back (it was NaN before)."""
     import torch
 
-    from bloomkit import tp
+    from bloomkit.strategies import tp
 
     class Legacy(torch.nn.Module):  # the shape of DeepSpeed 0.15's LinearLayer(weight, bias=tensor)
         def __init__(self):
@@ -199,6 +201,6 @@ def test_plain_tensor_attributes_join_the_state_dict():
     x = torch.randn(4, 2)
     before = m(x)
     assert "0.bias" not in m.state_dict()
-    assert tp.register_plain_tensors(m) == ["0.bias"]
+    assert autotp.register_plain_tensors(m) == ["0.bias"]
     assert "0.bias" in m.state_dict() and torch.equal(m(x), before)
-    assert tp.register_plain_tensors(m) == []
+    assert autotp.register_plain_tensors(m) == []

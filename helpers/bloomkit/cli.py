@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
-from typing import Callable
 
-from . import bench, harness, models, results
+from . import models, prompts, results
+
 from .dtypes import DTYPES, default_device, resolve_dtype
 from .errors import UserError
 
@@ -105,32 +104,27 @@ def prepare(args) -> dict:
         if not torch.cuda.is_available():
             raise UserError("--device cuda but no CUDA GPU is visible; use --device cpu")
     dtype = resolve_dtype(args.dtype, device)
-    base = harness.read_prompts_file(args.prompts_file) if args.prompts_file else None
+    base = prompts.read_prompts_file(args.prompts_file) if args.prompts_file else None
     results.check_writable(args.json_out)
+    budget = budget_bytes(args.memory_budget)
     path = models.resolve_model(args.name)
+    # the model's files (config, shard headers, tokenizer) and whether the request can fit:
+    # here, so every recipe and every rank refuses a broken model before loading anything
+    from . import checkpoint
+    from .dist import world_size
+
+    info = checkpoint.check_model_dir(path)
+    world = world_size()
+    offloaded = any(getattr(args, k, None) for k in ("offload_folder", "nvme_offload_path",
+                                                     "cpu_offload", "max_memory"))
+    checkpoint.check_generation(
+        info.config, dtype=dtype, device=device, batch_size=max(args.batch_size),
+        max_new_tokens=args.max_new_tokens, world_size=world,
+        prompt_len=checkpoint.prompt_tokens(info.tokenizer, base or prompts.STANDARD_PROMPTS),
+        # one CUDA process: a device map may keep weights in CPU RAM beside the GPUs
+        weights_elsewhere=offloaded or (device == "cuda" and world == 1))
     return {"device": device, "dtype": dtype, "base_prompts": base, "path": path,
-            "budget": budget_bytes(args.memory_budget)}
-
-
-def run(args, *, strategy: str, load: Callable, options: dict, world_size: int = 1,
-        generate_fn: Callable | None = None, is_main: bool = True, token_multiplier: int = 1) -> list[dict]:
-    """Validate the shared flags, run :func:`bloomkit.bench.run_variant`, write and print.
-
-    ``load(path, dtype, device)`` returns the model; see ``run_variant`` for the rest.
-    """
-    s = prepare(args)
-    records = bench.run_variant(
-        strategy=strategy, name=args.name, path=s["path"], dtype=s["dtype"], device=s["device"],
-        batch_sizes=args.batch_size, max_new_tokens=args.max_new_tokens, load=load,
-        options=options, prompts=s["base_prompts"], cycles=args.cycles if args.benchmark else None,
-        verify=args.verify and is_main, budget=s["budget"], world_size=world_size,
-        generate_fn=generate_fn, token_multiplier=token_multiplier)
-    if is_main:
-        if args.json_out:
-            results.write_json(args.json_out, records[0] if len(records) == 1 else records)
-        for r in records:
-            print(summary_line(r), flush=True)
-    return records
+            "budget": budget}
 
 
 def summary_line(r: dict) -> str:

@@ -1,10 +1,19 @@
-"""Memory arithmetic for BLOOM-style models: parameters, weight bytes, KV cache.
+"""Memory arithmetic for decoder-only causal LMs: parameters, weight bytes, KV cache.
 
 Why it matters: at batch 1 a decode step reads every weight once, so weight bytes decide
 both *where* a model fits and *how fast* it can possibly run; the KV cache then decides
 how large a batch fits next to the weights.
+
+The shapes come from the config (a transformers config or a plain dict) through
+:mod:`bloomkit.arch`, which knows how BLOOM, Llama, Mistral, Qwen2, Falcon, GPT-NeoX, OPT and
+GPT-2 build their blocks: grouped-query attention (fewer key/value heads than query heads)
+shrinks both the k/v projections and the KV cache; a gated MLP (SwiGLU) has three matrices
+instead of two; an untied LM head adds ``vocab x hidden`` weights.  A dict that names no
+``model_type`` is read as a BLOOM (this project's model).
 """
 from __future__ import annotations
+
+from . import arch
 
 DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2,
                "int8": 1, "int4": 0.5}
@@ -14,18 +23,25 @@ def dtype_bytes(dtype: str) -> float:
     return DTYPE_BYTES[str(dtype).replace("torch.", "")]
 
 
-def _dims(config) -> tuple[int, int, int]:
-    get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
-    h = get("hidden_size") or get("n_embed")
-    n_layer = get("n_layer") or get("num_hidden_layers")
-    return int(h), int(n_layer), int(get("vocab_size"))
+def _activation_dtype(dtype: str) -> str:
+    """Quantized weights still compute, and cache keys/values, in 16 bits."""
+    return "bf16" if str(dtype) in ("int8", "int4") else dtype
+
+
+def params_by_module(config) -> dict:
+    """Parameters by kind of module: ``attention``, ``mlp``, ``norms``, ``embeddings``,
+    ``head`` (see :func:`bloomkit.arch.params_by_module`)."""
+    return arch.params_by_module(config)
 
 
 def param_count(config) -> int:
-    """Parameters of a BLOOM model: per block 12*h^2 + 13*h, plus embeddings (tied head)."""
-    h, n_layer, vocab = _dims(config)
-    per_block = 12 * h * h + 13 * h
-    return vocab * h + 2 * h + n_layer * per_block + 2 * h
+    """Parameters of the model, every weight counted once (a tied head adds nothing).
+
+    Per block: attention ``h*(heads + 2*kv_heads)*head_dim + heads*head_dim*h`` (+ biases),
+    MLP ``2*h*ffn`` or ``3*h*ffn`` when gated (+ biases), and its norms; then the token
+    (and learned position) embeddings, the final norm and an untied head.  For BLOOM that is
+    ``12*h^2 + 13*h`` per block plus ``vocab*h + 4*h``."""
+    return sum(arch.params_by_module(config).values())
 
 
 def weight_bytes(config, dtype: str = "bf16") -> int:
@@ -34,22 +50,25 @@ def weight_bytes(config, dtype: str = "bf16") -> int:
 
 
 def kv_cache_bytes_per_token(config, dtype: str = "bf16") -> int:
-    """Keys + values of one token across all layers: 2 * n_layer * hidden * bytes."""
-    h, n_layer, _ = _dims(config)
-    kv_dtype = "bf16" if dtype in ("int8", "int4") else dtype  # the cache is not quantized
-    return int(2 * n_layer * h * dtype_bytes(kv_dtype))
+    """Keys + values of one token across all layers:
+    ``2 * layers * kv_heads * head_dim * bytes`` (the cache is not quantized).  Under
+    grouped-query attention that is ``kv_heads / heads`` of BLOOM's ``2 * layers * h``
+    (Llama-3-8B: a quarter).  Falcon's new decoder architecture is the exception:
+    transformers caches its KV heads broadcast to every query head
+    (:func:`bloomkit.arch.cached_kv_heads_of`).  Beyond a sliding window (Mistral v0.1:
+    4096) transformers keeps only the window, so long-context totals are upper bounds."""
+    return int(arch.kv_values_per_token(config) * dtype_bytes(_activation_dtype(dtype)))
 
 
 def generate_extra_bytes(config, batch_size: int, seq_len: int, dtype: str = "bf16") -> int:
     """Memory ``generate`` needs beside the weights: the KV cache of ``seq_len`` tokens per
-    row, plus the largest transient activations (the 4h MLP activation of the prompt pass,
-    the ALiBi-biased attention scores, and the fp32 logits of one step)."""
-    h, n_layer, vocab = _dims(config)
-    get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
-    heads = int(get("n_head") or get("num_attention_heads"))
-    act = dtype_bytes("bf16" if dtype in ("int8", "int4") else dtype)
-    kv = kv_cache_bytes_per_token(config, dtype) * batch_size * seq_len
-    mlp = 4 * h * batch_size * seq_len * act
-    scores = heads * batch_size * seq_len * seq_len * 4
-    logits = vocab * batch_size * 4 * 2
+    row, plus the largest transient activations (the MLP's inner activation of the prompt
+    pass — gate and up both, when gated — or the fp32 attention scores of every query head),
+    and the fp32 logits of one step."""
+    act = dtype_bytes(_activation_dtype(dtype))
+    rows = batch_size * seq_len
+    kv = kv_cache_bytes_per_token(config, dtype) * rows
+    mlp = (2 if arch.is_gated(config) else 1) * arch.ffn_of(config) * rows * act
+    scores = arch.heads_of(config) * batch_size * seq_len * seq_len * 4
+    logits = arch.vocab_of(config) * batch_size * 4 * 2
     return int(kv + max(mlp, scores) + logits)

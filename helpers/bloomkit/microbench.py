@@ -22,7 +22,11 @@ import statistics
 import tempfile
 import time
 
-from . import accel, harness, memory, models, sysinfo
+from . import memory, models, sysinfo
+
+from .measure import bench, harness
+
+from .strategies import accel
 
 
 def run_parts(parts: dict, only, out_path, *args) -> dict:
@@ -94,7 +98,7 @@ def decode_breakdown(name: str = "bench", dtype: str = "fp32", batch_sizes=(1, 8
     parameters x batch / matmul rate`` of square matrices).  ``efficiency`` is the roofline
     panel's (bound / step); ``kernel_*_eff`` say how much of it the kernels alone reach.
     ``machine``: speeds already measured (:func:`roofline.measure`), else measured here."""
-    from . import roofline
+    from .measure import roofline
     from .errors import UserError
 
     if dtype not in ("fp32", "bf16", "fp16"):
@@ -151,7 +155,7 @@ def offload_slowdown(name: str = "small", batch_size: int = 1, new_tokens: int =
                                         batch_size=batch_size, max_new_tokens=new_tokens,
                                         cycles=cycles)
             out[f"{label}_ms_per_token"] = t.ms_per_token
-            out[f"{label}_placement"] = accel.placement(model)
+            out[f"{label}_placement"] = bench.placement(model)
             del model
     out["slowdown"] = out["disk_offload_ms_per_token"] / out["in_memory_ms_per_token"]
     return out
@@ -193,7 +197,8 @@ def preshard_load_ratio(name: str = "bench", tp_size: int = 2, repeats: int = 3,
 
     *warm*: files in the page cache (a restart); *cold*: both evicted first
     (``posix_fadvise``), like the first start after a download."""
-    from . import launch, tp_shards
+    from . import launch
+    from .strategies import tp_shards
 
     path = models.resolve_model(name)
     common = ["--dtype", dtype, "--max_new_tokens", "1", "--batch_size", "1"]
@@ -226,7 +231,8 @@ def zero_offload(name: str = "small", batch_sizes=(1, 8, 32), new_tokens: int = 
     A virtual disk's bandwidth can change several-fold within minutes, so it is measured right
     before and right after each NVMe launch, and the roofline uses the mean of the two around
     the ``nvme`` launch (all measurements are kept)."""
-    from . import launch, zero
+    from . import launch
+    from .strategies import zero
 
     path = models.resolve_model(name)
     wbytes = memory.weight_bytes(models.load_config(path), dtype)

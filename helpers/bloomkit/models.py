@@ -1,13 +1,17 @@
-"""The embedded default model, and how any model name becomes a local directory.
+"""The embedded models, and how any model name becomes a local directory.
 
 Nothing can be downloaded at run time on the machines this project is built on, so the
-project *generates* its own BLOOM: a deterministic random ``BloomForCausalLM`` plus a
-byte-level BPE tokenizer trained locally, saved exactly like a hub checkpoint (config,
+project *generates* its own models: a deterministic random causal LM of a chosen family plus
+a byte-level BPE tokenizer trained locally, saved exactly like a hub checkpoint (config,
 sharded safetensors, ``tokenizer.json``).  Real models take the same code path: every
 strategy calls :func:`resolve_model` and then loads the directory it returns.
 
-Presets (``tiny`` for tests, ``small`` for offload experiments, ``bench`` for timing)
-keep head counts divisible by 2 and 4 so tensor parallelism works at TP=2 and TP=4.
+Presets: BLOOM (``tiny`` for tests, ``small`` for offload experiments, ``bench`` for
+timing), a Llama-style twin of each size (``tiny-llama``, ``small-llama``, ``bench-llama``:
+grouped-query attention, RoPE, SwiGLU MLP, untied head), and a tiny model of each other
+family the recipes are tested on (``tiny-mistral``, ``tiny-qwen2``, ``tiny-falcon``,
+``tiny-gpt-neox``, ``tiny-opt``, ``tiny-gpt2``).  Head counts divide by 2 so tensor
+parallelism works at TP=2.
 """
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]  # ids 0..3, as in BLOOM
 
 @dataclass(frozen=True)
 class Preset:
-    """Shape of a generated BLOOM.  ``init_std`` is larger than BLOOM's 0.02 on purpose:
+    """Shape of a generated model.  ``init_std`` is larger than real models' 0.02 on purpose:
     random models with tiny weights have near-flat logits, so greedy decoding would
     break ties on rounding noise and no two strategies could be compared token for token."""
 
@@ -40,19 +44,89 @@ class Preset:
     init_std: float
     max_shard_size: str
     seed: int = 1234
+    family: str = "bloom"
+    kv_heads: int | None = None       # grouped-query attention (None: one per query head)
+    intermediate_size: int | None = None  # MLP width (None: the family's default)
+
+
+def _llama_twin(p: Preset, kv_heads: int, intermediate: int) -> Preset:
+    return Preset(p.hidden_size, p.n_layer, p.n_head, p.vocab_size, p.init_std, p.max_shard_size,
+                  family="llama", kv_heads=kv_heads, intermediate_size=intermediate)
+
+
+_TINY = Preset(hidden_size=64, n_layer=2, n_head=4, vocab_size=1024, init_std=0.25,
+               max_shard_size="200KB")
+_SMALL = Preset(hidden_size=512, n_layer=8, n_head=8, vocab_size=4096, init_std=0.1,
+                max_shard_size="20MB")
+_BENCH = Preset(hidden_size=1024, n_layer=24, n_head=16, vocab_size=8192, init_std=0.06,
+                max_shard_size="200MB")
+
+
+def _tiny(family: str, **kw) -> Preset:
+    return Preset(**{**asdict(_TINY), "family": family, **kw})
 
 
 PRESETS: dict[str, Preset] = {
     # ~0.2 M parameters: builds in about a second; every test uses it.
-    "tiny": Preset(hidden_size=64, n_layer=2, n_head=4, vocab_size=1024, init_std=0.25,
-                   max_shard_size="200KB"),
+    "tiny": _TINY,
     # ~30 M parameters: 4 MiB matrices, so ZeRO-3 NVMe offload really swaps to disk.
-    "small": Preset(hidden_size=512, n_layer=8, n_head=8, vocab_size=4096, init_std=0.1,
-                    max_shard_size="20MB"),
+    "small": _SMALL,
     # ~300 M parameters (1.2 GB in fp32): large enough that decode is memory-bound.
-    "bench": Preset(hidden_size=1024, n_layer=24, n_head=16, vocab_size=8192, init_std=0.06,
-                    max_shard_size="200MB"),
+    "bench": _BENCH,
+    # Llama-style twins: 2 query heads per KV head (GQA), SwiGLU MLP of ~2.7 h, untied head
+    "tiny-llama": _llama_twin(_TINY, kv_heads=2, intermediate=176),
+    "small-llama": _llama_twin(_SMALL, kv_heads=4, intermediate=1408),
+    "bench-llama": _llama_twin(_BENCH, kv_heads=8, intermediate=2816),
+    # odd sizes (hidden 96, 6 heads, 3 KV heads): TP=2 gives uneven KV shards, 64 divides nothing
+    "odd-llama": Preset(hidden_size=96, n_layer=2, n_head=6, vocab_size=1024, init_std=0.2,
+                        max_shard_size="200KB", family="llama", kv_heads=3, intermediate_size=256),
+    # one tiny model per other family the recipes are tested on
+    "tiny-mistral": _tiny("mistral", kv_heads=2, intermediate_size=176),
+    "tiny-qwen2": _tiny("qwen2", kv_heads=2, intermediate_size=176),
+    "tiny-falcon": _tiny("falcon", kv_heads=2),
+    "tiny-gpt-neox": _tiny("gpt_neox"),
+    "tiny-opt": _tiny("opt"),
+    "tiny-gpt2": _tiny("gpt2"),
 }
+FAMILIES = ("bloom", "llama", "mistral", "qwen2", "falcon", "gpt_neox", "opt", "gpt2")
+
+
+def family_config(family: str, *, hidden_size: int, n_layer: int, n_head: int, vocab_size: int,
+                  kv_heads: int | None = None, intermediate_size: int | None = None,
+                  init_std: float = 0.02, max_positions: int = 2048, **_):
+    """A transformers config of ``family`` with these sizes, token ids as the embedded
+    tokenizer numbers them (``<s>`` 1, ``</s>`` 2, ``<pad>`` 3)."""
+    import transformers as tf
+
+    ids = dict(bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    kv = kv_heads or n_head
+    common = dict(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=n_layer,
+                  num_attention_heads=n_head, initializer_range=init_std, **ids)
+    if family == "bloom":
+        return tf.BloomConfig(vocab_size=vocab_size, hidden_size=hidden_size, n_layer=n_layer,
+                              n_head=n_head, initializer_range=init_std, **ids)
+    if family in ("llama", "mistral", "qwen2"):
+        cls = {"llama": tf.LlamaConfig, "mistral": tf.MistralConfig, "qwen2": tf.Qwen2Config}[family]
+        return cls(**common, num_key_value_heads=kv, tie_word_embeddings=False,
+                   intermediate_size=intermediate_size or 4 * hidden_size,
+                   max_position_embeddings=max_positions)
+    if family == "falcon":  # Falcon-40B's layout: grouped KV heads, parallel attention + MLP
+        return tf.FalconConfig(**common, num_kv_heads=kv, new_decoder_architecture=True,
+                               max_position_embeddings=max_positions)
+    if family == "gpt_neox":
+        return tf.GPTNeoXConfig(**common, intermediate_size=intermediate_size or 4 * hidden_size,
+                                max_position_embeddings=max_positions, tie_word_embeddings=False)
+    if family == "opt":
+        return tf.OPTConfig(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=n_layer,
+                            num_attention_heads=n_head, ffn_dim=intermediate_size or 4 * hidden_size,
+                            word_embed_proj_dim=hidden_size, init_std=init_std,
+                            max_position_embeddings=max_positions, **ids)
+    if family == "gpt2":
+        return tf.GPT2Config(vocab_size=vocab_size, n_embd=hidden_size, n_layer=n_layer,
+                             n_head=n_head, n_positions=max_positions,
+                             initializer_range=init_std, **ids)
+    raise UserError(f"unknown model family {family!r}; use one of {', '.join(FAMILIES)}")
+
 
 HUB_ALIASES = {"bloom": "bigscience/bloom"}
 
@@ -89,7 +163,8 @@ def _recipe(preset: Preset) -> dict:
 def preset_path(name: str) -> Path:
     preset = PRESETS[name]
     digest = hashlib.sha256(json.dumps(_recipe(preset), sort_keys=True).encode()).hexdigest()[:12]
-    return cache_root() / "models" / f"bloom-{name}-{digest}"
+    prefix = "" if preset.family != "bloom" or name.startswith("bloom") else "bloom-"
+    return cache_root() / "models" / f"{prefix}{name}-{digest}"
 
 
 # ---------------------------------------------------------------------------- tokenizer
@@ -100,7 +175,7 @@ _SYLLABLES = ["ka", "lo", "mi", "ne", "ru", "sa", "ti", "vo", "ze", "an", "el", 
 
 def _corpus(n_words: int, seed: int) -> list[str]:
     """A deterministic text: the blog's prompts plus pseudo-words, for BPE training."""
-    from .harness import STANDARD_PROMPTS
+    from .prompts import STANDARD_PROMPTS
 
     rng = random.Random(seed)
     lines = list(STANDARD_PROMPTS) * 50
@@ -130,13 +205,15 @@ def build_tokenizer(vocab_size: int, seed: int = 0):
     return tok
 
 
-def _save_tokenizer(tok, out: Path) -> None:
+def _save_tokenizer(tok, out: Path, bloom: bool = True) -> None:
     from transformers import PreTrainedTokenizerFast
 
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
                                    eos_token="</s>", pad_token="<pad>", padding_side="left")
     fast.save_pretrained(out)
     cfg_path = out / "tokenizer_config.json"
+    if not bloom:
+        return
     cfg = json.loads(cfg_path.read_text())
     # BLOOM's checkpoints name this class; transformers 4.x loads it directly and 5.x maps
     # it to its fast tokenizer backend, so both stacks read the same directory.
@@ -147,27 +224,35 @@ def _save_tokenizer(tok, out: Path) -> None:
 
 # ---------------------------------------------------------------------------- model
 
+def spread_norms(model) -> None:
+    """Norm layers start at weight 1 (and bias 0); give them some spread too, so a random
+    model's layers differ the way a trained model's do (any family: LayerNorm, RMSNorm)."""
+    import torch
+
+    with torch.no_grad():
+        for mod in model.modules():
+            if "norm" in type(mod).__name__.lower():
+                w, b = getattr(mod, "weight", None), getattr(mod, "bias", None)
+                if isinstance(w, torch.nn.Parameter) and w.dim() == 1:
+                    w.normal_(1.0, 0.1)
+                if isinstance(b, torch.nn.Parameter) and b.dim() == 1:
+                    b.normal_(0.0, 0.1)
+
+
 def build_model(name: str, out: Path) -> Path:
     """Generate preset ``name`` into directory ``out`` (config, safetensors shards, tokenizer)."""
     import torch
-    from transformers import BloomConfig, BloomForCausalLM
+    from transformers import AutoModelForCausalLM
 
     preset = PRESETS[name]
     tok = build_tokenizer(preset.vocab_size, seed=preset.seed)
-    config = BloomConfig(vocab_size=preset.vocab_size, hidden_size=preset.hidden_size,
-                         n_layer=preset.n_layer, n_head=preset.n_head,
-                         initializer_range=preset.init_std, bos_token_id=1, eos_token_id=2,
-                         pad_token_id=3)
+    config = family_config(**asdict(preset))
     torch.manual_seed(preset.seed)
-    model = BloomForCausalLM(config).eval()
-    with torch.no_grad():  # LayerNorms start at (1, 0); give them some spread too
-        for mod in model.modules():
-            if isinstance(mod, torch.nn.LayerNorm):
-                mod.weight.normal_(1.0, 0.1)
-                mod.bias.normal_(0.0, 0.1)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    spread_norms(model)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, max_shard_size=preset.max_shard_size, safe_serialization=True)
-    _save_tokenizer(tok, out)
+    _save_tokenizer(tok, out, bloom=preset.family == "bloom")
     (out / "bloomkit_recipe.json").write_text(json.dumps(_recipe(preset), indent=2) + "\n")
     return out
 

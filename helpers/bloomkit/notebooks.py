@@ -138,7 +138,7 @@ def run_profile(profile_name: str, out_dir: str | Path, only: list[str] | None =
         print(f"  {p.name}: {summary[-1]['seconds']} s, {len(got)} result records", flush=True)
     (out_dir / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     write_json(out_dir / "summary.json", {"profile": profile_name, "notebooks": summary})
-    from .report import write_report
+    from .measure.report import write_report
 
     print(f"  report: {write_report(out_dir)['html']}", flush=True)
     return records

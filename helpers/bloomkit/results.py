@@ -49,17 +49,42 @@ def make_record(*, strategy: str, model: str, dtype: str, batch_size: int, max_n
 
 
 def check_writable(path: str | Path | None) -> None:
-    """Fail *before* the expensive work if the result file cannot be written."""
+    """Fail *before* the expensive work if the result file cannot be written.
+
+    Probes by creating (and removing) a temporary file in the target's folder, or a
+    temporary folder in its nearest existing ancestor when the folder does not exist yet
+    (``write_json`` creates it later): nothing is left behind, and it is the truth even for
+    root, for whom permission bits say little (``/proc``, read-only mounts)."""
     if path is None:
         return
-    parent = Path(path).expanduser().resolve().parent
+    fix = "pass --json_out a path in a writable directory"
     try:
-        parent.mkdir(parents=True, exist_ok=True)
+        target = Path(path).expanduser().resolve()
+        is_dir = target.is_dir()
+        parent = ancestor = target.parent
+        while not ancestor.exists() and ancestor != ancestor.parent:
+            ancestor = ancestor.parent
+        ancestor_is_dir = ancestor.is_dir()
+    except (OSError, RuntimeError) as exc:  # e.g. a folder on the way that we may not enter
+        raise UserError(f"cannot use --json_out {path} ({getattr(exc, 'strerror', None) or exc}); "
+                        f"{fix}") from None
+    if is_dir:
+        raise UserError(f"--json_out {path} is a directory; pass a file name such as "
+                        f"{Path(path) / 'result.json'}")
+    if not ancestor_is_dir:
+        raise UserError(f"cannot write --json_out {path}: {ancestor} is a file, not a "
+                        f"directory; {fix}")
+    try:
+        if ancestor == parent:
+            fd, tmp = tempfile.mkstemp(prefix=".bloomkit-probe.", dir=parent)
+            os.close(fd)
+            os.unlink(tmp)
+        else:
+            os.rmdir(tempfile.mkdtemp(prefix=".bloomkit-probe.", dir=ancestor))
     except OSError as exc:
-        raise UserError(f"cannot create {parent} for {path} ({exc.strerror}); pass --json_out "
-                        "to a writable location") from None
-    if not os.access(parent, os.W_OK):
-        raise UserError(f"{parent} is not writable; pass --json_out to a writable location")
+        what = "write to" if ancestor == parent else f"create {parent} in"
+        raise UserError(f"cannot {what} {ancestor} for --json_out {path} "
+                        f"({exc.strerror or exc}); {fix}") from None
 
 
 def write_json(path: str | Path, obj) -> Path:

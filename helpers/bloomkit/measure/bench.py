@@ -4,10 +4,13 @@ records.  Recipes reach it through :func:`bloomkit.cli.run`; notebooks call it d
 """
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import Callable
 
-from . import harness, memory, models, quality, results
+from . import harness, quality
+
+from .. import memory, models, results
 
 
 def reference(path, prompts: list[str], max_new_tokens: int):
@@ -16,7 +19,7 @@ def reference(path, prompts: list[str], max_new_tokens: int):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from .dtypes import from_pretrained_dtype
+    from ..dtypes import from_pretrained_dtype
 
     model = AutoModelForCausalLM.from_pretrained(str(path), **from_pretrained_dtype(torch.float32)).eval()
     tok = models.load_tokenizer(path)
@@ -51,7 +54,6 @@ def run_variant(*, strategy: str, name: str, load: Callable, path: str | Path | 
             model = load(path, dtype, device)
         load_seconds = lt.seconds
     if hasattr(model, "hf_device_map"):
-        from .accel import placement
         options.setdefault("placement", placement(model))
     tok = models.load_tokenizer(path)
     gen_fn = generate_fn or (lambda m, t, p, n: harness.generate(m, t, p, n))
@@ -86,3 +88,32 @@ def run_variant(*, strategy: str, name: str, load: Callable, path: str | Path | 
             qual = quality.quality_report(ref, ref_logits, gen, model, tok)
         records.append(results.make_record(**common, timing=timing, generation=gen, quality=qual))
     return records
+
+
+def run_recipe(args, *, strategy: str, load: Callable, options: dict, world_size: int = 1,
+        generate_fn: Callable | None = None, is_main: bool = True, token_multiplier: int = 1) -> list[dict]:
+    """A recipe's run: validate the shared flags, :func:`run_variant`, write and print.
+
+    ``load(path, dtype, device)`` returns the model; see ``run_variant`` for the rest.
+    """
+    from ..cli import prepare, summary_line
+
+    s = prepare(args)
+    records = run_variant(
+        strategy=strategy, name=args.name, path=s["path"], dtype=s["dtype"], device=s["device"],
+        batch_sizes=args.batch_size, max_new_tokens=args.max_new_tokens, load=load,
+        options=options, prompts=s["base_prompts"], cycles=args.cycles if args.benchmark else None,
+        verify=args.verify and is_main, budget=s["budget"], world_size=world_size,
+        generate_fn=generate_fn, token_multiplier=token_multiplier)
+    if is_main:
+        if args.json_out:
+            results.write_json(args.json_out, records[0] if len(records) == 1 else records)
+        for r in records:
+            print(summary_line(r), flush=True)
+    return records
+
+
+def placement(model) -> dict:
+    """How many modules of the loaded model sit on each device (``hf_device_map``)."""
+    hf_map = getattr(model, "hf_device_map", None) or {"": str(next(model.parameters()).device)}
+    return {str(k): v for k, v in Counter(str(v) for v in hf_map.values()).items()}

@@ -42,13 +42,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import harness, memory
-from .errors import UserError
+from .. import arch, memory
+
+from ..measure import harness
+from ..errors import UserError
 
 OFFLOAD_MODES = ("none", "cpu", "nvme")
 MIN_AIO_BYTES = 2**20          # DeepSpeed swaps a partition to disk only if it is >= 1 MiB
 AIO_ALIGNED_BYTES = 1024       # ... and pads each one to a multiple of 1 KiB per aio thread
-DEFAULT_BUFFER_COUNT = 5       # DeepSpeed's default: one block's 4 big matrices + 1 prefetched
+DEFAULT_BUFFER_COUNT = 5       # DeepSpeed's default (BLOOM: one block's 4 big matrices + 1 prefetched)
 # block_size is also DeepSpeed's smallest swapped partition (max(1 MiB, block_size)): larger blocks
 # leave every smaller matrix in RAM, which looks like a speed-up but is not offloading
 # intra_op_parallelism 2: each partition is read by two aio threads (halves); on `small`, batch 8 and
@@ -69,14 +71,15 @@ def offload_mode(cpu_offload: bool = False, nvme_offload_path=None) -> str:
 
 
 def _dims(config):
-    get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
-    return int(get("hidden_size") or get("n_embed")), int(get("vocab_size"))
+    """``(hidden size, vocab size)`` of any family :mod:`bloomkit.arch` knows."""
+    return arch.hidden_of(config), arch.vocab_of(config)
 
 
 def param_numels(config) -> list[int]:
-    """Element counts of a BLOOM's weight matrices (one block's four + the embedding)."""
-    h, vocab = _dims(config)
-    return [vocab * h, 3 * h * h, h * h, 4 * h * h, 4 * h * h]
+    """Element counts of the weight matrices ZeRO partitions: the token embedding, then one
+    block's matrices as the family builds them (BLOOM: fused q|k|v, dense, 2 MLP; Llama:
+    q, k, v (smaller under GQA), o, gate, up, down).  See :func:`bloomkit.arch.weight_matrices`."""
+    return arch.weight_matrices(config)
 
 
 # ---------------------------------------------------------------------------- NVMe buffers
@@ -133,9 +136,9 @@ def plan_nvme_buffers(config, dtype: str = "fp32", world_size: int = 1,
             f"({buffer_count} x {size * elem / 2**20:.1f} MiB, the model's largest partition) but "
             f"`ulimit -l` is {limit / 2**20:.0f} MiB; raise it (ulimit -l unlimited, or "
             "docker run --ulimit memlock=-1), run with more ranks, or use --cpu_offload")
-    get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
-    n_layer = int(get("n_layer") or get("num_hidden_layers"))
-    n_swapped = int(parts[0] * elem >= MIN_AIO_BYTES) + n_layer * sum(
+    # the embedding (twice when the output head is untied), then every block's matrices
+    heads_out = 1 if arch.is_tied(config) else 2
+    n_swapped = heads_out * int(parts[0] * elem >= MIN_AIO_BYTES) + arch.layers_of(config) * sum(
         p * elem >= MIN_AIO_BYTES for p in parts[1:])
     return BufferPlan(size, buffer_count, locked, limit, n_swapped)
 
@@ -316,7 +319,7 @@ def check_async_io(log=None) -> dict:
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
     builder = AsyncIOBuilder()
     build_dir = aio_build_dir()
-    from . import dsops
+    from .. import dsops
 
     for lock in dsops.clear_stale_locks():
         log(f"removed a stale build lock left by a killed build: {lock}")
@@ -379,7 +382,7 @@ def init_distributed(device: str = "cpu") -> tuple[int, int]:
     if not dist.is_initialized():
         own = "RANK" not in os.environ
         if own:
-            from .launch import free_port
+            from ..launch import free_port
 
             os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
                                "MASTER_PORT": str(free_port())})
@@ -388,7 +391,7 @@ def init_distributed(device: str = "cpu") -> tuple[int, int]:
             deepspeed.init_distributed(dist_backend="gloo" if device == "cpu" else "nccl",
                                        verbose=False)
             if device == "cpu":
-                from . import dsops
+                from .. import dsops
 
                 dsops.release_shm_buffers()  # see dsops: DeepSpeed leaks them otherwise
         finally:
@@ -468,7 +471,7 @@ def load_model(path, dtype: str, config: dict, device: str = "cpu"):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from .dtypes import from_pretrained_dtype, torch_dtype
+    from ..dtypes import from_pretrained_dtype, torch_dtype
 
     quantized = bool(config.get("weight_quantization"))
     with hf_deepspeed(config), (quantized_load_in_model_dtype() if quantized else contextlib.nullcontext()):
@@ -531,7 +534,7 @@ def stream_generate(model, tokenizer, prompts: list[str], max_new_tokens: int, *
 
 def verify_streams(path, record: dict) -> dict:
     """Each rank's stream against plain fp32 ``generate`` of its own prompts (rank 0)."""
-    from . import bench, quality
+    from ..measure import bench, quality
 
     ref, _ = bench.reference(path, record["prompts"], record["max_new_tokens"])
     rep = quality.compare_tokens(ref, record["tokens"])

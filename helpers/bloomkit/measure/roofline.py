@@ -26,7 +26,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 
-from . import memory, sysinfo
+from .. import arch, memory, sysinfo
 
 _TORCH_DTYPE = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "int8": "float32"}
 # int8 weights (LLM.int8() on CPU, DeepSpeed's int8) compute in 16/32-bit: rate of fp32 on CPU
@@ -82,7 +82,7 @@ def link_bandwidth(device: str = "cpu", nbytes: int = 256 * 2**20, repeats: int 
 
 def save(machine: Machine, path) -> None:
     """Keep a measurement beside the records it explains (``make run``'s report reads it)."""
-    from .results import write_json
+    from ..results import write_json
 
     write_json(path, machine.to_dict())
 
@@ -126,6 +126,8 @@ def _config(name: str) -> dict:
 
 
 def _dims(config) -> dict:
+    """``config`` (a transformers config, a dict, a preset name) as the planner's plain dict
+    of any family :mod:`bloomkit.arch` knows."""
     from .planner import model_dims
 
     return model_dims(config)
@@ -153,10 +155,12 @@ def step_bounds(config, *, strategy: str, dtype: str, batch_size: int, machine: 
     """
     dims = _dims(config)
     options = options or {}
-    h, n_layer = dims["hidden_size"], dims["n_layer"]
+    h, n_layer = arch.hidden_of(dims), arch.layers_of(dims)
     w = memory.weight_bytes(dims, dtype)
     params = memory.param_count(dims)
-    flops_row = 2 * params + 4 * n_layer * h * context      # matmuls + attention (QK, AV)
+    # matmuls + attention: QK and AV, 2 FLOPs per (query head x head_dim) x context token each
+    attn_width = arch.heads_of(dims) * arch.head_dim_of(dims)   # = h in BLOOM
+    flops_row = 2 * params + 4 * n_layer * attn_width * context
     read_bw = machine.copy_bandwidth                          # bytes/s a weight read streams at
     rate = machine.matmul_rate(dtype)
     tp = world_size if strategy == "ds-inference" else 1

@@ -17,15 +17,13 @@ of fitting.
 from __future__ import annotations
 
 import logging
-import os
-import warnings
 from collections import Counter
+import warnings
 from pathlib import Path
 
-from .errors import UserError
+from ..errors import UserError
 
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential", "none")
-NO_SPLIT = ["BloomBlock"]  # a transformer block is never cut across two devices
 
 
 def parse_max_memory(spec: str | None) -> dict | None:
@@ -111,7 +109,7 @@ def empty_model(config, dtype: str = "bf16"):
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    from .dtypes import torch_dtype
+    from ..dtypes import torch_dtype
 
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype(dtype))
@@ -134,36 +132,80 @@ def plan_device_map(config, max_memory: dict, dtype: str = "bf16", device_map: s
     from accelerate import infer_auto_device_map
     from accelerate.utils import get_balanced_memory
 
-    from .dtypes import torch_dtype
+    from ..dtypes import torch_dtype
 
     _quiet()
     model = empty_model(config, dtype)
     mm = dict(max_memory)
+    # a decoder block is never cut across two devices: transformers lists each family's
+    # block class (BLOOM's, LlamaDecoderLayer, ...) in ``_no_split_modules``
+    no_split = model._no_split_modules or []
     if device_map in ("auto", "balanced", "balanced_low_0"):
-        mm = get_balanced_memory(model, max_memory=mm, no_split_module_classes=NO_SPLIT,
+        mm = get_balanced_memory(model, max_memory=mm, no_split_module_classes=no_split,
                                  dtype=torch_dtype(dtype), low_zero=device_map == "balanced_low_0")
-    return infer_auto_device_map(model, max_memory=mm, no_split_module_classes=NO_SPLIT,
+    return infer_auto_device_map(model, max_memory=mm, no_split_module_classes=no_split,
                                  dtype=torch_dtype(dtype))
 
 
 def device_map_summary(device_map: dict, config=None, dtype: str = "bf16"):
-    """A table: per device, the blocks it holds and (with ``config``) its weight bytes."""
+    """A table: per device, the decoder blocks it holds and (with ``config``) its weight bytes.
+
+    Blocks are the device map's entries under the model's list of decoder blocks
+    (``transformer.h`` in BLOOM, ``model.layers`` in Llama, ``gpt_neox.layers``, ...: see
+    :func:`bloomkit.arch.block_prefix`), counted by layer index; an entry above the list
+    (``""``, ``model``) holds every block.  Weights: blocks x the parameters of one block,
+    plus what lies outside the blocks — the embeddings on the device of an ``embed`` /
+    ``wte`` / ``word_embeddings`` entry, an untied head on that of ``lm_head`` /
+    ``embed_out``, the final norm(s) on that of any other entry — by the arithmetic of
+    :mod:`bloomkit.arch`, for any family."""
     import pandas as pd
 
-    from .memory import dtype_bytes, param_count
+    from .. import arch
+    from ..memory import dtype_bytes, param_count
 
-    counts = Counter(device_map.values())
-    rows = []
+    prefix = arch.block_prefix(device_map, config)
+    if prefix is None and config is not None:
+        prefix = arch.family_of(config).blocks
+    n_layers = arch.layers_of(config) if config is not None else None
     per_block = None
+    outer = {}     # what lies outside the blocks, by kind of entry
     if config is not None:
-        h = config.hidden_size
-        per_block = (12 * h * h + 13 * h) * dtype_bytes(dtype)
-    for dev, n in counts.items():
-        blocks = sum(1 for k, v in device_map.items() if v == dev and ".h." in f".{k}")
-        row = {"device": str(dev), "modules": n, "blocks": blocks}
+        b = dtype_bytes(dtype)
+        per_block = arch.block_params(config) * b
+        by = arch.params_by_module(config)
+        outer = {"embeddings": by["embeddings"] * b, "head": by["head"] * b}
+        outer["norms"] = (param_count(config) - n_layers * arch.block_params(config)) * b \
+            - outer["embeddings"] - outer["head"]
+
+    def kind(key: str) -> str:
+        last = key.rsplit(".", 1)[-1]
+        if last in ("lm_head", "embed_out"):
+            return "head"
+        if "embed" in last or last in ("wte", "wpe") or last == "project_in":
+            return "embeddings"
+        return "head" if last == "project_out" else "norms"
+
+    def covers_blocks(key: str) -> bool:   # "", "model", "model.layers" hold the whole list
+        return prefix is not None and (key == "" or key == prefix or prefix.startswith(key + "."))
+
+    rows = []
+    for dev, n in Counter(device_map.values()).items():
+        keys = [k for k, v in device_map.items() if v == dev]
+        blocks, outside = set(), set()
+        for k in keys:
+            i = arch.block_index(k, prefix) if prefix is not None else None
+            if i is not None:
+                blocks.add(i)
+            elif covers_blocks(k):
+                blocks.update(range(n_layers or 0))
+                if k != prefix:   # "model": embeddings and final norm come with it; "": all
+                    outside.update(outer if k == "" else ("embeddings", "norms"))
+            else:
+                outside.add(kind(k))
+        row = {"device": str(dev), "modules": n, "blocks": len(blocks)}
         if per_block is not None:
-            other = (param_count(config) - config.n_layer * per_block / dtype_bytes(dtype)) * dtype_bytes(dtype)
-            row["weights_GB"] = round((blocks * per_block + (other if n > blocks else 0)) / 1e9, 3)
+            row["weights_GB"] = round((len(blocks) * per_block
+                                       + sum(outer[o] for o in outside)) / 1e9, 3)
         rows.append(row)
     return pd.DataFrame(rows).set_index("device")
 
@@ -185,7 +227,7 @@ def load_model(path: str | Path, dtype: str = "fp32", *, device_map: str = "auto
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from .dtypes import torch_dtype
+    from ..dtypes import torch_dtype
 
     _quiet()
     if device_map not in DEVICE_MAPS:
@@ -223,9 +265,3 @@ def load_model(path: str | Path, dtype: str = "fp32", *, device_map: str = "auto
                             f"given; raise --max_memory or pass --offload_folder DIR ({msg[:120]})") from None
         raise
     return model.eval()
-
-
-def placement(model) -> dict:
-    """How many modules of the loaded model sit on each device (``hf_device_map``)."""
-    hf_map = getattr(model, "hf_device_map", None) or {"": str(next(model.parameters()).device)}
-    return {str(k): v for k, v in Counter(str(v) for v in hf_map.values()).items()}

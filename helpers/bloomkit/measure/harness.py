@@ -14,45 +14,10 @@ import statistics
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
-from .errors import UserError
-
-STANDARD_PROMPTS = [
-    "DeepSpeed is a machine learning framework",
-    "He is working on",
-    "He has a",
-    "He got all",
-    "Everyone is happy and I can",
-    "The new movie that got Oscar this year",
-    "In the far far distance from our galaxy,",
-    "Peace is the only way",
-]
-
-
-def make_prompts(batch_size: int, prompts: list[str] | None = None) -> list[str]:
-    """``prompts`` (default: the blog's 8) repeated until there are ``batch_size`` rows."""
-    if batch_size <= 0:
-        raise UserError(f"batch size must be a positive integer, got {batch_size}; "
-                        "pass --batch_size 1 or more")
-    base = list(prompts or STANDARD_PROMPTS)
-    if not base:
-        raise UserError("no prompts given; put one prompt per line in --prompts_file")
-    return [base[i % len(base)] for i in range(batch_size)]
-
-
-def read_prompts_file(path: str | Path) -> list[str]:
-    """One prompt per line; blank lines are skipped."""
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"prompts file {path} does not exist; pass --prompts_file to a text file "
-                        "with one prompt per line")
-    lines = [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
-    if not lines:
-        raise UserError(f"prompts file {path} is empty; put one prompt per line in it")
-    return lines
-
+from ..errors import UserError
+from ..prompts import STANDARD_PROMPTS, make_prompts, read_prompts_file  # noqa: F401 (the harness's prompts)
 
 def greedy_kwargs(max_new_tokens: int, tokenizer=None) -> dict:
     """``generate`` arguments for the blog's decoding: greedy, exactly N new tokens."""

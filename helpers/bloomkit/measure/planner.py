@@ -1,6 +1,8 @@
 """Memory planner: will a model fit, where, and with how large a batch, for each strategy?
 
-Plain arithmetic over the model's shape (see :mod:`bloomkit.memory`), no GPU needed:
+Plain arithmetic over the model's shape (see :mod:`bloomkit.memory`; any family
+:mod:`bloomkit.arch` knows: BLOOM presets plus published Llama, Qwen2 and Mistral shapes),
+no GPU needed:
 
 * **weights per device** — the whole model's bytes divided over the devices that hold them;
 * **KV-cache bytes per token** — what every prompt or generated token keeps, per device;
@@ -15,8 +17,9 @@ The three strategies place memory differently:
     blocks spread over the GPUs (a balanced device map); every GPU keeps the KV cache of its
     own blocks.  What does not fit can be offloaded to CPU RAM, then disk (slowly).
 ``ds-inference`` (tensor parallel, TP degree = GPU count)
-    every weight matrix is split over the GPUs, and so is the KV cache (by attention head).
-    The TP degree must divide the number of heads; nothing is offloaded.
+    every weight matrix is split over the GPUs, and so is the KV cache (by key/value head).
+    BLOOM's TP degree must divide its heads; a grouped-query model needs at least as many
+    KV heads as GPUs (uneven shards otherwise allowed); nothing is offloaded.
 ``ds-zero`` (ZeRO-3 inference with parameter offload)
     parameters live in CPU RAM (or on NVMe) and stream to the GPU one module at a time;
     each GPU runs its *own* batch, so it holds only the largest module, the prefetch bucket,
@@ -28,12 +31,30 @@ largest batch printed here (the ``reserve`` argument is that safety margin).
 """
 from __future__ import annotations
 
-from . import memory
-from .errors import UserError
+from .. import arch, memory
+from ..errors import UserError
 
 STRATEGIES = ("accelerate", "ds-inference", "ds-zero")
 
-# Display names -> keys of bloomkit.models.BLOOM_DIMS (the published BLOOM shapes).
+# Published shapes of other families (from their config.json), as plain config dicts:
+# grouped-query attention (8 KV heads), gated MLPs (SwiGLU), untied LM heads.
+PUBLISHED_CONFIGS = {
+    "Llama-3.1-8B": dict(model_type="llama", hidden_size=4096, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=8, intermediate_size=14336,
+                         vocab_size=128256, tie_word_embeddings=False),
+    "Llama-3.1-70B": dict(model_type="llama", hidden_size=8192, num_hidden_layers=80,
+                          num_attention_heads=64, num_key_value_heads=8, intermediate_size=28672,
+                          vocab_size=128256, tie_word_embeddings=False),
+    "Qwen2-72B": dict(model_type="qwen2", hidden_size=8192, num_hidden_layers=80,
+                      num_attention_heads=64, num_key_value_heads=8, intermediate_size=29568,
+                      vocab_size=152064, tie_word_embeddings=False),   # q, k, v with biases
+    "Mistral-7B": dict(model_type="mistral", hidden_size=4096, num_hidden_layers=32,  # v0.1
+                       num_attention_heads=32, num_key_value_heads=8, intermediate_size=14336,
+                       vocab_size=32000, tie_word_embeddings=False, sliding_window=4096),
+}
+
+# Display names -> keys of bloomkit.models.BLOOM_DIMS (the published BLOOM shapes), or of
+# PUBLISHED_CONFIGS.
 MODEL_PRESETS = {
     "BLOOM-560m": "bloom-560m",
     "BLOOM-1b1": "bloom-1b1",
@@ -41,6 +62,7 @@ MODEL_PRESETS = {
     "BLOOM-3b": "bloom-3b",
     "BLOOM-7b1": "bloom-7b1",
     "BLOOM-176B": "bloom",
+    **{name: name for name in PUBLISHED_CONFIGS},
 }
 
 # GPU counts a machine comes with (1, 2, 4 or 8 per node; 16 = two nodes).
@@ -66,26 +88,61 @@ def size_bytes(size) -> int:
 
 
 def model_dims(model) -> dict:
-    """Shape of ``model``: a preset name (``BLOOM-176B``, ``bloom-7b1``, ...), a dict with
-    ``hidden_size, n_layer, n_head, vocab_size``, or a ``BloomConfig``."""
-    from .models import BLOOM_DIMS
+    """Shape of ``model`` as a plain dict the memory arithmetic reads: a preset name
+    (``BLOOM-176B``, ``bloom-7b1``, ``Llama-3.1-8B``, ...), a dict, or a transformers config
+    of any family :mod:`bloomkit.arch` knows.  A BLOOM (or a dict naming no ``model_type``)
+    gives ``hidden_size, n_layer, n_head, vocab_size``; other families add their
+    ``model_type``, KV heads, head size, MLP width and what decides biases and tying (see
+    :func:`bloomkit.arch.shape_dict`)."""
+    from ..models import BLOOM_DIMS
 
     if isinstance(model, str):
         key = MODEL_PRESETS.get(model, model)
+        if key in PUBLISHED_CONFIGS:
+            return arch.shape_dict(PUBLISHED_CONFIGS[key])
         if key not in BLOOM_DIMS:
             raise UserError(f"unknown model {model!r}; use one of {', '.join(MODEL_PRESETS)} or "
                             "pass the dimensions (hidden_size, n_layer, n_head, vocab_size)")
         return dict(BLOOM_DIMS[key])
-    get = model.get if isinstance(model, dict) else lambda k, d=None: getattr(model, k, d)
-    dims = {"hidden_size": get("hidden_size") or get("n_embed"),
-            "n_layer": get("n_layer") or get("num_hidden_layers"),
-            "n_head": get("n_head") or get("num_attention_heads"),
-            "vocab_size": get("vocab_size")}
-    missing = [k for k, v in dims.items() if not v]
+    readers = {"hidden_size": arch.hidden_of, "n_layer": arch.layers_of, "n_head": arch.heads_of,
+               "vocab_size": arch.vocab_of}
+    missing = []
+    for k, read in readers.items():
+        try:
+            if not read(model):
+                missing.append(k)
+        except (TypeError, ValueError):   # int(None): the config does not say
+            missing.append(k)
     if missing:
         raise UserError(f"model dimensions miss {', '.join(missing)}; give hidden_size, n_layer, "
                         "n_head and vocab_size")
-    return {k: int(v) for k, v in dims.items()}
+    return arch.shape_dict(model)
+
+
+def tp_kv_share(dims: dict, n: int) -> float:
+    """Share of the KV cache (and of the attention heads) on the fullest of ``n`` TP ranks:
+    AutoTP cuts by key/value head and gives the first ranks one more when they do not divide."""
+    kv = arch.kv_heads_of(dims)
+    return -(-kv // n) / kv
+
+
+def tp_problem(dims: dict, n: int) -> str | None:
+    """Why tensor parallelism cannot cut ``dims`` ``n`` ways (``None``: it can), by the rules
+    of :func:`bloomkit.strategies.autotp.check_tp`: BLOOM's heads (and their ALiBi slopes)
+    must divide by ``n``; other families need at least ``n`` key/value heads."""
+    heads, kv, h = arch.heads_of(dims), arch.kv_heads_of(dims), arch.hidden_of(dims)
+    if arch.family_name(dims) == "bloom":
+        if heads % n or h % n:
+            return f"TP degree {n} must divide the {heads} heads and hidden size {h}"
+    elif kv < n:
+        return (f"TP degree {n} would leave a rank without a key/value head: the model has "
+                f"{kv} KV heads ({heads} query heads); use {kv} GPUs or fewer per TP group")
+    return None
+
+
+def largest_module_bytes(dims: dict, dtype: str) -> float:
+    """Bytes of the largest weight matrix (what ZeRO-3 must gather whole on a GPU)."""
+    return max(arch.weight_matrices(dims)) * memory.dtype_bytes(dtype)
 
 
 def _extra_per_row(dims: dict, seq_len: int, dtype: str, kv_share: float) -> float:
@@ -124,7 +181,7 @@ def plan(model, dtype: str = "bf16", n_gpus: int = 8, gpu_memory="80GB", cpu_ram
     seq = int(prompt_tokens) + int(max_new_tokens)
     w = memory.weight_bytes(dims, dtype)
     kv = memory.kv_cache_bytes_per_token(dims, dtype)
-    h = dims["hidden_size"]
+    h = arch.hidden_of(dims)
     rows = []
 
     # accelerate: pipeline over n GPUs, then CPU, then disk
@@ -145,24 +202,27 @@ def plan(model, dtype: str = "bf16", n_gpus: int = 8, gpu_memory="80GB", cpu_ram
                          if where else f"{w / 1e9:.0f} GB of weights exceed GPUs + CPU RAM + NVMe"))
     rows.append(row)
 
-    # ds-inference: tensor parallel over all n GPUs
+    # ds-inference: tensor parallel over all n GPUs (cut by KV head: uneven when they don't divide)
+    kv_heads = arch.kv_heads_of(dims)
+    share = tp_kv_share(dims, n)
     row = {"strategy": "ds-inference", "devices": n, "weights_per_device_bytes": w / n,
-           "kv_bytes_per_token_per_device": kv / n, "max_batch": None, "weights_on": "-"}
-    if dims["n_head"] % n or h % n:
-        row.update(fits=False, note=f"TP degree {n} must divide the {dims['n_head']} heads and "
-                                    f"hidden size {h}")
+           "kv_bytes_per_token_per_device": kv * -(-kv_heads // n) / kv_heads, "max_batch": None,
+           "weights_on": "-"}
+    problem = tp_problem(dims, n)
+    if problem:
+        row.update(fits=False, note=problem)
     elif w / n > usable:
         row.update(fits=False, note=f"{w / n / 1e9:.1f} GB of weights per GPU > "
                                     f"{usable / 1e9:.1f} GB usable; use more GPUs"
                                     + (" or int8" if memory.dtype_bytes(dtype) > 1 else ""))
     else:
-        per_row = _extra_per_row(dims, seq, dtype, 1 / n)
+        per_row = _extra_per_row(dims, seq, dtype, share)
         row.update(fits=True, weights_on="gpu", max_batch=_max_batch(usable - w / n, per_row),
                    note=f"every matrix split {n} ways: all GPUs work on every token")
     rows.append(row)
 
     # ds-zero: ZeRO-3, parameters partitioned over GPUs or offloaded; one stream per GPU
-    biggest = max(dims["vocab_size"] * h, 4 * h * h) * memory.dtype_bytes(dtype)
+    biggest = largest_module_bytes(dims, dtype)
     bucket = 0.9 * h * h * memory.dtype_bytes(dtype)  # stage3_prefetch_bucket_size
     row = {"strategy": "ds-zero", "devices": n, "kv_bytes_per_token_per_device": kv}
     if w / n + bucket <= usable:
@@ -240,10 +300,12 @@ def config_of(name: str) -> dict:
     """Dimensions of a model *name* without loading (or building) weights: a planning
     preset (``BLOOM-176B``), a ``bloom-*`` / ``bigscience/bloom-*`` name, a generated preset
     (``tiny``, ``small``, ``bench``), else the ``config.json`` of a local or cached checkpoint."""
-    from . import models
+    from .. import models
 
     key = MODEL_PRESETS.get(name, name)
     key = key.split("/", 1)[1] if key.startswith("bigscience/") else key
+    if key in PUBLISHED_CONFIGS:
+        return model_dims(key)
     if key in models.BLOOM_DIMS:
         return dict(models.BLOOM_DIMS[key])
     if name in models.PRESETS:
@@ -254,13 +316,17 @@ def config_of(name: str) -> dict:
 
 
 def models_frame():
-    """Every planning preset: parameters, weight GB per dtype, KV cache per token."""
+    """Every planning preset: shape, parameters, weight GB per dtype, KV cache per token."""
     import pandas as pd
 
     rows = []
     for name in MODEL_PRESETS:
         d = model_dims(name)
-        rows.append({"model": name, **d, "params_B": memory.param_count(d) / 1e9,
+        rows.append({"model": name, "family": arch.family_name(d), "hidden_size": arch.hidden_of(d),
+                     "n_layer": arch.layers_of(d), "n_head": arch.heads_of(d),
+                     "kv_heads": arch.kv_heads_of(d), "head_dim": arch.head_dim_of(d),
+                     "ffn": arch.ffn_of(d), "vocab_size": arch.vocab_of(d),
+                     "tied": arch.is_tied(d), "params_B": memory.param_count(d) / 1e9,
                      "bf16_GB": memory.weight_bytes(d, "bf16") / 1e9,
                      "int8_GB": memory.weight_bytes(d, "int8") / 1e9,
                      "KV_MB_per_token_bf16": memory.kv_cache_bytes_per_token(d, "bf16") / 1e6})
@@ -276,9 +342,9 @@ def memory_curve(model, dtype: str = "bf16", n_gpus: int = 8, batch_sizes=(1, 8,
     dims = model_dims(model)
     seq = prompt_tokens + max_new_tokens
     w = memory.weight_bytes(dims, dtype)
-    h = dims["hidden_size"]
+    h = arch.hidden_of(dims)
     bytes_ = memory.dtype_bytes(dtype)
-    zero_ws = max(dims["vocab_size"] * h, 4 * h * h) * bytes_ + 0.9 * h * h * bytes_
+    zero_ws = largest_module_bytes(dims, dtype) + 0.9 * h * h * bytes_
     rows = []
     for bs in batch_sizes:
         rows.append({"batch_size": bs,

@@ -21,7 +21,9 @@ import json
 import math
 from pathlib import Path
 
-from . import results, roofline, sysinfo
+from . import roofline
+
+from .. import results, sysinfo
 
 PUBLISHED = "published, not measured here"
 BLOG_SOURCE = ("HF blog 'Incredibly Fast BLOOM Inference with DeepSpeed and Accelerate' (2022), "

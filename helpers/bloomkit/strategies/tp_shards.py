@@ -14,16 +14,8 @@ each rank read only its 1/N (blog: 60 s):
 
 safetensors holds raw tensors and a JSON header: loading one cannot run code.
 
-DeepSpeed's own format (the published ``microsoft/bloom-deepspeed-inference-{fp16,int8}``
-repos, and the anchor script's ``checkpoints.json``) is a JSON file: ``type`` (``BLOOM`` or
-``ds_model``), ``checkpoints`` (a list of files, or ``{"tp": [...], "non_tp": [...]}``),
-``tp_size``, ``dtype``, ``version``, ``base_dir``.  DeepSpeed loads ``.pt``/``.bin`` files
-listed there with ``torch.load(weights_only=False)``, i.e. **pickle: a file can run
-arbitrary code when loaded** — :func:`read_ds_checkpoint_json` refuses them unless the user
-passes ``--allow_pickle`` for files they trust.  Pre-sharded files (``type: ds_model``, or
-``parallelization: tp`` — what ``save_mp_checkpoint_path`` writes, ``type: bloom``) are in the
-layout of DeepSpeed's fused kernels and only load with kernel injection (the legacy
-environment); that is also the only way DeepSpeed's int8 kernels get quantized weights.
+DeepSpeed's own checkpoint json (BLOOM's published pre-sharded repos) is parsed by
+:mod:`bloomkit.strategies.bloom`; :func:`load_ds_checkpoint` here loads what it describes.
 """
 from __future__ import annotations
 
@@ -32,15 +24,13 @@ import shutil
 import time
 from pathlib import Path
 
-from . import tp
-from .errors import UserError
+from .. import dist
+from ..errors import UserError
+from . import autotp, bloom, tp_int8
 
 FORMAT = "bloomkit-tp-shards"
 FORMAT_VERSION = 1
 INDEX = "bloomkit_tp_shards.json"
-PICKLE_SUFFIXES = (".pt", ".bin", ".pth", ".pkl", ".ckpt")
-PICKLE_RISK = ("DeepSpeed loads .pt/.bin checkpoint files with torch.load(weights_only=False), "
-               "which unpickles them: a malicious file runs arbitrary code on every rank")
 
 
 def shard_name(rank: int, tp_size: int) -> str:
@@ -48,6 +38,7 @@ def shard_name(rank: int, tp_size: int) -> str:
 
 
 # ---------------------------------------------------------------------------- writing
+
 
 def prepare_dir(out_dir) -> Path:
     """Create (or check) the output folder before the expensive load; refuse to mix sizes."""
@@ -96,7 +87,7 @@ def write_index(out_dir, *, source, tp_size: int, dtype: str, engine: str, name:
     index = {"format": FORMAT, "version": FORMAT_VERSION, "tp_size": tp_size, "dtype": dtype,
              "engine": engine, "source": name,
              "source_path": str(source_path or source), "files": files, "bytes_per_rank": bytes_per_rank}
-    from .results import write_json
+    from ..results import write_json
 
     p = write_json(out / INDEX, index)
     p.chmod(0o644)
@@ -104,6 +95,7 @@ def write_index(out_dir, *, source, tp_size: int, dtype: str, engine: str, name:
 
 
 # ---------------------------------------------------------------------------- reading
+
 
 def read_index(shard_dir) -> dict:
     d = Path(shard_dir).expanduser()
@@ -154,16 +146,16 @@ def load_rank_shard(shard_dir, *, dtype: str, tp_size: int, engine: str, device:
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from .models import load_config
+    from ..models import load_config
 
     d = Path(shard_dir).expanduser()
-    check_shards(d, tp_size=tp_size, dtype=dtype, engine=engine, rank=tp.rank())
-    f = d / shard_name(tp.rank(), tp_size)
+    check_shards(d, tp_size=tp_size, dtype=dtype, engine=engine, rank=dist.rank())
+    f = d / shard_name(dist.rank(), tp_size)
     with safe_open(str(f), "pt") as h:
         meta = h.metadata() or {}
-    if meta.get("rank") != str(tp.rank()) or meta.get("tp_size") != str(tp_size):
+    if meta.get("rank") != str(dist.rank()) or meta.get("tp_size") != str(tp_size):
         raise UserError(f"{f.name} says rank {meta.get('rank')} of {meta.get('tp_size')}, "
-                        f"expected rank {tp.rank()} of {tp_size}; re-run --save_shards")
+                        f"expected rank {dist.rank()} of {tp_size}; re-run --save_shards")
     steps, t = {}, time.perf_counter()
 
     def step(name):  # where "start to ready" goes, kept in the record (options.load_steps_s)
@@ -172,13 +164,13 @@ def load_rank_shard(shard_dir, *, dtype: str, tp_size: int, engine: str, device:
         steps[name] = round(now - t, 4)
         t = now
 
-    model = tp.meta_model(load_config(d), dtype)
+    model = autotp.meta_model(load_config(d), dtype)
     step("meta_skeleton")
-    model = tp.init_engine(model, tp_size=tp_size, dtype=dtype, engine=engine).module
+    model = autotp.init_engine(model, tp_size=tp_size, dtype=dtype, engine=engine).module
     if dtype == "int8":
-        tp.quantize_tp_linears(model, empty=True)
+        tp_int8.quantize_tp_linears(model, empty=True)
     step("init_inference")
-    dev = "cpu" if device == "cpu" else f"cuda:{tp.local_rank()}"
+    dev = "cpu" if device == "cpu" else f"cuda:{dist.local_rank()}"
     sd = load_file(str(f), device=dev)
     step("read_shard")
     if dev == "cpu":
@@ -239,53 +231,6 @@ def evict_page_cache(*paths) -> int:
 
 # ---------------------------------------------------------------------------- DeepSpeed's json
 
-def read_ds_checkpoint_json(path, *, allow_pickle: bool = False) -> dict:
-    """Parse DeepSpeed's ``checkpoints.json`` / ``ds_inference_config.json``.
-
-    Returns ``{"type", "kernel_layout", "files" (all, absolute), "tp_files", "non_tp_files",
-    "tp_size", "dtype", "base_dir", "pickled", "data"}``; refuses pickled files without ``allow_pickle``.
-    """
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise UserError(f"--ds_checkpoint {path} does not exist; pass DeepSpeed's "
-                        "checkpoints.json or ds_inference_config.json")
-    try:
-        data = json.loads(p.read_text())
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path} is not valid JSON ({exc.msg}, line {exc.lineno})") from None
-    missing = [k for k in ("type", "checkpoints") if k not in data]
-    if missing:
-        raise UserError(f"{path} lacks {', '.join(missing)}; DeepSpeed's checkpoint json has "
-                        "type, checkpoints, version (and tp_size, dtype for pre-sharded repos)")
-    ckpt = data["checkpoints"]
-    base = Path(data.get("base_dir") or p.parent)
-    if not base.is_absolute():
-        base = p.parent / base
-    if isinstance(ckpt, dict):
-        tp_files, non_tp = list(ckpt.get("tp", [])), list(ckpt.get("non_tp", []))
-    elif isinstance(ckpt, list):
-        tp_files, non_tp = [], list(ckpt)
-    else:
-        raise UserError(f"{path}: 'checkpoints' must be a list of files or a dict with tp/non_tp")
-    files = [base / f for f in non_tp + tp_files]
-    absent = [str(f) for f in files if not f.exists()]
-    if absent:
-        raise UserError(f"{path} lists {len(absent)} missing file(s), e.g. {absent[0]}; download "
-                        "the whole checkpoint next to the json (or fix base_dir)")
-    pickled = [f.name for f in files if f.suffix in PICKLE_SUFFIXES]
-    if pickled and not allow_pickle:
-        raise UserError(f"{path} lists pickled files ({pickled[0]}, {len(pickled)} in all): "
-                        f"{PICKLE_RISK}; pass --allow_pickle only if you trust them, or convert "
-                        "them to safetensors")
-    kind = str(data["type"])
-    if kind.lower() not in ("bloom", "ds_model"):
-        raise UserError(f"{path}: type {kind!r} is not a BLOOM checkpoint; expected BLOOM or ds_model")
-    kernel_layout = kind.lower() == "ds_model" or data.get("parallelization") == "tp"
-    return {"type": kind, "kernel_layout": kernel_layout, "files": files, "tp_files": tp_files,
-            "non_tp_files": non_tp,
-            "tp_size": data.get("tp_size"), "dtype": data.get("dtype"), "base_dir": base,
-            "pickled": pickled, "data": data, "path": p}
-
 
 def _read_state_dict(path: Path) -> dict:
     """One checkpoint file as a state dict.  safetensors as is; pickled files (only reached
@@ -297,34 +242,6 @@ def _read_state_dict(path: Path) -> dict:
 
         return load_file(str(path))
     return torch.load(str(path), map_location="cpu", weights_only=True)
-
-
-def check_ds_checkpoint(info: dict, *, tp_size: int, engine: str) -> None:
-    """Can this launch load DeepSpeed's json ``info``?  Checked on every rank before the
-    process group starts, so a mismatch is one line, not a hang."""
-    if info["kernel_layout"]:
-        if engine != "kernel-inject":
-            raise UserError(f"{info['path'].name} is DeepSpeed's pre-sharded kernel-injection "
-                            f"format (type {info['type']}): it loads only with --kernel_inject on, in "
-                            "the legacy environment on CUDA (make setup-legacy); on this stack load "
-                            "the unsharded model and write shards with --save_shards")
-        n = int(info["tp_size"] or 0)
-        # DeepSpeed merges (fewer ranks) or splits (more ranks) its shards while loading, as
-        # the blog's int8 run did (the 8-way int8 repo on 4 GPUs), when one size divides the other
-        if n and tp_size % n and n % tp_size:
-            raise UserError(f"{info['path'].name} was sharded for tp_size {n} but this launch runs "
-                            f"TP={tp_size}; launch a divisor or multiple of {n} ranks")
-    unreadable = kernel_unreadable(info) if engine == "kernel-inject" else []
-    if unreadable:
-        raise UserError(f"DeepSpeed's kernel injection reads the files of {info['path'].name} "
-                        f"with torch.load, which cannot read {unreadable[0]}; drop --ds_checkpoint "
-                        "(the model folder loads directly) or use --kernel_inject off")
-
-
-def kernel_unreadable(info: dict) -> list[str]:
-    """Files of DeepSpeed's json that its kernel-injection loader (``torch.load`` on each
-    listed file, DeepSpeed 0.15) cannot read: everything but pickled checkpoints."""
-    return [f.name for f in info["files"] if f.suffix not in PICKLE_SUFFIXES]
 
 
 def load_ds_checkpoint(info: dict, config, *, dtype: str, tp_size: int, engine: str):
@@ -343,12 +260,12 @@ def load_ds_checkpoint(info: dict, config, *, dtype: str, tp_size: int, engine: 
       correct, but not faster than the full load: write bloomkit shards (``--save_shards``)
       for fast starts.
     """
-    check_ds_checkpoint(info, tp_size=tp_size, engine=engine)
+    bloom.check_ds_checkpoint(info, tp_size=tp_size, engine=engine)
     if engine == "kernel-inject":
-        model = tp.meta_model(config, dtype, engine)
-        return tp.init_engine(model, tp_size=tp_size, dtype=dtype, engine=engine,
+        model = autotp.meta_model(config, dtype, engine)
+        return autotp.init_engine(model, tp_size=tp_size, dtype=dtype, engine=engine,
                               checkpoint=str(info["path"]), base_dir=info["base_dir"]).module
-    model = tp.meta_model(config, dtype)
+    model = autotp.meta_model(config, dtype)
     own = set(model.state_dict())
     for f in info["files"]:
         sd = _read_state_dict(f)
@@ -366,41 +283,11 @@ def load_ds_checkpoint(info: dict, config, *, dtype: str, tp_size: int, engine: 
     if missing:
         raise UserError(f"{info['path'].name} does not cover the model: {len(missing)} tensors "
                         f"missing, e.g. {missing[0]}")
-    model = tp.init_engine(model, tp_size=tp_size, dtype=dtype, engine=engine).module
+    model = autotp.init_engine(model, tp_size=tp_size, dtype=dtype, engine=engine).module
     if dtype == "int8":
-        tp.quantize_tp_linears(model)
+        tp_int8.quantize_tp_linears(model)
     return model
 
 
-def export_bloom_layout(model_dir, out_dir) -> Path:
-    """Re-save a local HF model the way bigscience/bloom's files are laid out (keys without
-    the ``transformer.`` prefix) plus the ``checkpoints.json`` (type BLOOM) the anchor script
-    passed to ``init_inference`` — safetensors, so no pickle.  Returns the json's path."""
-    from safetensors.torch import load_file, save_file
-
-    src, out = Path(model_dir), Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    files = []
-    for f in sorted(src.glob("*.safetensors")):
-        sd = {k.removeprefix("transformer."): v.contiguous() for k, v in load_file(str(f)).items()}
-        if "lm_head.weight" in sd:  # tied to word_embeddings in BLOOM
-            del sd["lm_head.weight"]
-        save_file(sd, str(out / f.name), metadata={"format": "pt"})
-        files.append(f.name)
-    for f in src.iterdir():
-        if f.suffix == ".json" and f.name != "model.safetensors.index.json":
-            shutil.copy2(f, out / f.name)
-    return write_ds_checkpoint_json(out, out / "checkpoints.json", files=files)
 
 
-def write_ds_checkpoint_json(model_dir, out_json=None, files=None) -> Path:
-    """``checkpoints.json`` (type BLOOM) listing a local model's safetensors files — what the
-    anchor script wrote for ``init_inference(checkpoint=...)``; no pickle involved."""
-    d = Path(model_dir)
-    files = files or sorted(f.name for f in d.glob("*.safetensors"))
-    if not files:
-        raise UserError(f"{model_dir} has no *.safetensors files to list")
-    out = Path(out_json) if out_json else d / "checkpoints.json"
-    from .results import write_json
-
-    return write_json(out, {"type": "BLOOM", "checkpoints": files, "version": 1.0})

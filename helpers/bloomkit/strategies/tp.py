@@ -1,0 +1,238 @@
+"""Strategy 2: DeepSpeed-Inference tensor parallelism (TP) — every rank busy on every layer.
+
+The recipe's flow, for any causal LM that DeepSpeed's AutoTP knows: check the flags and the
+model before anything is loaded, start the process group, load this rank's slice (from the
+full checkpoint, from pre-sharded files, or from DeepSpeed's checkpoint json), describe what
+each rank holds, then generate or benchmark on every rank and verify on rank 0.  How the
+model is cut lives in :mod:`~bloomkit.strategies.autotp`, int8 in
+:mod:`~bloomkit.strategies.tp_int8`, pre-sharding in :mod:`~bloomkit.strategies.tp_shards`,
+and what only BLOOM needs (ALiBi, the fused-kernel route) in :mod:`~bloomkit.strategies.bloom`.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .. import dist
+from ..dist import barrier, broadcast, gather, is_main, rank, world_size
+from ..errors import UserError
+from . import autotp, bloom, tp_int8
+
+
+def verify(records, model, tok, path, max_new_tokens: int, base_prompts=None) -> None:
+    """Attach ``quality`` (vs plain fp32 ``generate``) to rank 0's records.  Collective:
+    rank 0 computes the reference, every rank runs the teacher-forced TP forward."""
+    from ..measure import bench, harness, quality
+
+    for rec in records:
+        if rec["status"] != "ok":
+            continue
+        rows = harness.make_prompts(rec["batch_size"], base_prompts)
+        ref = ref_logits = None
+        if is_main():
+            ref, ref_logits = bench.reference(path, rows, max_new_tokens)
+        ref_tokens = broadcast(ref.tokens if ref is not None else None)
+        if is_main():
+            gen = harness.Generation(prompts=rec["prompts"], tokens=rec["tokens"], texts=rec["texts"])
+            rec["quality"] = quality.quality_report(ref, ref_logits, gen, model, tok)
+        else:
+            quality.sequence_logits(model, tok, rows, ref_tokens)
+
+
+def add_flags(parser) -> None:
+    """The strategy's own flags, added to :func:`bloomkit.cli.common_parser`."""
+    g = parser.add_argument_group("ds-inference (tensor parallelism)")
+    g.add_argument("--tp_size", type=int, default=None,
+                   help="tensor-parallel degree; default: the number of launched ranks")
+    g.add_argument("--kernel_inject", choices=bloom.KERNEL_INJECT, default="auto",
+                   help="on: DeepSpeed's fused CUDA kernels (legacy env + CUDA only); off: AutoTP; "
+                        "auto: kernel injection where it works, else AutoTP")
+    g.add_argument("--save_shards", default=None, metavar="DIR",
+                   help="write each rank's TP shard (safetensors) to DIR once (then run as usual); "
+                        "under kernel injection DeepSpeed's own pre-sharded files (load them with "
+                        "--ds_checkpoint)")
+    g.add_argument("--load_shards", default=None, metavar="DIR",
+                   help="load only this rank's shard from DIR (written by --save_shards)")
+    g.add_argument("--ds_checkpoint", default=None, metavar="JSON",
+                   help="DeepSpeed's checkpoints.json / ds_inference_config.json to load from")
+    g.add_argument("--allow_pickle", action="store_true",
+                   help="let --ds_checkpoint load pickled .pt/.bin files (they can run code: "
+                        "only for files you trust)")
+    g.add_argument("--comm_timeout", type=int, default=300,
+                   help="seconds a collective may wait for a silent rank before failing")
+
+
+def check_cli(args) -> dict:
+    """Every check that needs no process group, in the order a user should fix them."""
+    from ..cli import prepare
+    from ..models import load_config
+    from . import tp_shards
+
+    if sum(bool(x) for x in (args.save_shards, args.load_shards)) > 1:
+        raise UserError("--save_shards and --load_shards exclude each other: write the shards "
+                        "in one launch, load them in the next")
+    if args.load_shards and args.ds_checkpoint:
+        raise UserError("pass either --load_shards (bloomkit shards) or --ds_checkpoint "
+                        "(DeepSpeed's json), not both")
+    source = None
+    if args.load_shards:
+        index = tp_shards.read_index(args.load_shards)
+        source = index.get("source")
+        args.name = str(Path(args.load_shards).expanduser())
+    s = prepare(args)  # device, dtype (fp16 on CPU is an error), prompts, json_out, model dir
+    s["label"] = source or args.name
+    s["ref_path"] = s["path"]
+    if args.load_shards and args.verify:  # the fp32 reference needs the unsharded model
+        from ..models import resolve_model
+
+        try:
+            s["ref_path"] = resolve_model(index.get("source_path") or source)
+        except UserError:
+            raise UserError(f"--verify compares with the unsharded model {source!r}, which is not "
+                            "here; drop --verify or make the original model available") from None
+    config = load_config(s["path"])
+    tp_size = args.tp_size or world_size()
+    autotp.check_tp(config, tp_size, world_size(), s["device"])
+    s["ds"] = None
+    if args.ds_checkpoint:
+        s["ds"] = bloom.read_ds_checkpoint_json(args.ds_checkpoint,
+                                                    allow_pickle=args.allow_pickle)
+    engine = bloom.choose_engine(args.kernel_inject, s["device"], s["dtype"], s["ds"],
+                                 model_type=getattr(config, "model_type", "?"))
+    if engine == "autotp":
+        autotp.check_supported(config)
+    if s["dtype"] == "int8":
+        tp_int8.check_int8(s["device"], engine)
+    if args.load_shards:
+        tp_shards.check_shards(args.load_shards, tp_size=tp_size, dtype=s["dtype"], engine=engine)
+    if s["ds"] is not None:
+        bloom.check_ds_checkpoint(s["ds"], tp_size=tp_size, engine=engine)
+    if args.save_shards and engine == "kernel-inject":
+        if args.ds_checkpoint:
+            raise UserError("--ds_checkpoint is already DeepSpeed's pre-sharded format; drop "
+                            "--save_shards (or use --kernel_inject off to write bloomkit shards)")
+        if s["dtype"] == "int8":
+            raise UserError("under kernel injection --save_shards writes DeepSpeed's fp16 files and "
+                            f"int8 is quantized while reading them: {bloom.KERNEL_INT8_ROUTE}")
+    if args.save_shards:
+        tp_shards.prepare_dir(args.save_shards)
+    s.update(tp_size=tp_size, engine=engine, config=config)
+    return s
+
+
+def _quiet_rank() -> None:
+    """Only rank 0 prints: other ranks' stdout goes nowhere (errors still reach stderr)."""
+    import sys
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", message=".*deprecated.*")
+    if not is_main():
+        sys.stdout = open(os.devnull, "w")
+
+
+def load(args, s: dict):
+    """This rank's TP model from the source the flags name (full checkpoint, bloomkit shards
+    or DeepSpeed's json)."""
+    from . import tp_shards
+
+    kw = dict(dtype=s["dtype"], tp_size=s["tp_size"], engine=s["engine"])
+    if args.load_shards:
+        return tp_shards.load_rank_shard(args.load_shards, device=s["device"], **kw), "shards"
+    if s["ds"] is not None:
+        return tp_shards.load_ds_checkpoint(s["ds"], s["config"], **kw), "ds_checkpoint"
+    # kernel injection: DeepSpeed writes its own pre-sharded files while it cuts the model
+    save_dir = args.save_shards if s["engine"] == "kernel-inject" else None
+    return autotp.tp_model(s["path"], save_dir=save_dir, **kw), "full"
+
+
+def warm_imports(config) -> None:
+    """Import the model class, accelerate and DeepSpeed's layers before the load clock starts:
+    "start to ready" then compares reading and placing weights, not Python imports (seconds
+    on a busy CPU, the same for every load path)."""
+    import importlib
+
+    import accelerate  # noqa: F401
+    import deepspeed.module_inject.layers  # noqa: F401
+    from transformers import AutoModelForCausalLM
+
+    # imported by DeepSpeed's AutoTP on first use (its expert-parallel map; the GPT-2 block it
+    # compares each layer with): about 35 ms of init_inference on a quiet 2-core machine
+    for mod in ("deepspeed.module_inject.auto_ep_layer", "transformers.models.gpt2.modeling_gpt2"):
+        try:
+            importlib.import_module(mod)
+        except ImportError:  # other DeepSpeed / transformers versions
+            pass
+
+    AutoModelForCausalLM._model_mapping[type(config)]
+
+
+def run(args) -> list[dict]:
+    """The recipe: check, start the process group, load (timed), describe, generate or
+    benchmark on every rank, verify; rank 0 prints and writes ``--json_out``."""
+    from .. import cli, results
+    from ..measure import bench, harness
+    from . import tp_shards
+
+    _quiet_rank()
+    s = check_cli(args)
+    dist.setup_distributed(s["device"], args.comm_timeout)
+    warm_imports(s["config"])
+    barrier()  # every rank starts the load clock together: a rank still importing is not load time
+    with harness.PeakRSS() as rss, harness.LoadTimer() as lt:
+        model, source = load(args, s)
+    load_rss = gather(rss.peak)
+    if args.save_shards and s["engine"] == "kernel-inject":
+        barrier()  # every rank has written its tp_RR_PP.pt files (inside init_inference)
+        if is_main():
+            tp_shards.copy_model_files(s["path"], args.save_shards)
+            print(f"DeepSpeed wrote {s['tp_size']} rank(s) of {s['label']} in its kernel layout "
+                  f"(pickled .pt files) to {args.save_shards}; start from them with --ds_checkpoint "
+                  f"{Path(args.save_shards) / 'ds_inference_config.json'} --allow_pickle "
+                  "(--dtype fp16, or int8 quantized while loading)", flush=True)
+        barrier()
+    elif args.save_shards:
+        path = tp_shards.save_rank_shard(model, args.save_shards, tp_size=s["tp_size"],
+                                         rank=rank(), dtype=s["dtype"])
+        sizes = gather(path.stat().st_size)
+        barrier()
+        if is_main():
+            tp_shards.write_index(args.save_shards, source=s["path"], tp_size=s["tp_size"],
+                                  dtype=s["dtype"], engine=s["engine"], name=s["label"],
+                                  bytes_per_rank=sizes, source_path=s["ref_path"])
+            print(f"wrote {s['tp_size']} TP shard(s) of {s['label']} ({s['dtype']}) to "
+                  f"{args.save_shards}: {', '.join(f'{b / 2**20:.1f} MiB' for b in sizes)}; "
+                  f"start from them with --load_shards {args.save_shards}", flush=True)
+        barrier()
+    options = {"kernel_inject": args.kernel_inject, "load_from": source,
+               "shards": str(args.load_shards or args.save_shards or "") or None,
+               "load_peak_rss_bytes_per_rank": load_rss,
+               "load_steps_s": getattr(model, "_bloomkit_load_steps", None),
+               **autotp.describe(model, s["config"], s["tp_size"], s["engine"], s["dtype"])}
+    dist.kill_hook()
+    records = bench.run_variant(
+        strategy="ds-inference", name=s["label"], path=s["path"], dtype=s["dtype"],
+        device=s["device"], batch_sizes=args.batch_size, max_new_tokens=args.max_new_tokens,
+        load=None, model=model, load_seconds=lt.seconds, options=options,
+        prompts=s["base_prompts"], cycles=args.cycles if args.benchmark else None,
+        verify=False, budget=s["budget"], world_size=world_size())
+    if args.verify:
+        verify(records, model, harness_tok(s["path"]), s["ref_path"], args.max_new_tokens,
+               s["base_prompts"])
+    barrier()
+    if is_main():
+        if args.json_out:
+            results.write_json(args.json_out, records[0] if len(records) == 1 else records)
+        for r in records:
+            print(cli.summary_line(r), flush=True)
+    return records
+
+
+def harness_tok(path):
+    from ..models import load_tokenizer
+
+    return load_tokenizer(path)
+
