@@ -126,3 +126,22 @@ def test_tp_size_beyond_kv_heads_is_one_line():
     proc = run_script(["recipes/ds_inference.py", "--name", "odd-llama", "--tp_size", "4"],
                       env=launch.cpu_env(1))
     assert_one_line_error(proc, "3 key/value head", "--tp_size 3")
+
+
+@pytest.mark.timeout(240)
+def test_int8_under_tp_on_a_gqa_model():
+    """int8 weights on each rank's slices (7 linears per Llama block), close to fp32."""
+    rec = launch.launch_records("ds_inference.py", ["--name", "tiny-llama", "--dtype", "int8",
+                                                    "--verify", *FLAGS], 2, timeout=220)[0]
+    o, q = rec["options"], rec["quality"]
+    assert o["int8_all_int8"] and o["int8_layers"] == 7 * models.PRESETS["tiny-llama"].n_layer
+    assert q["teacher_forced_top1"] >= 0.85 and q["logit_rel_rms_err"] <= 0.10, q
+
+
+def test_decode_breakdown_and_roofline_for_a_llama():
+    """The decode breakdown (linears alone vs the whole step, beside the memory and compute
+    bounds) works from any config."""
+    from bloomkit import microbench
+
+    rows = microbench.decode_breakdown("tiny-llama", batch_sizes=(1,), new_tokens=4, cycles=1)
+    assert rows and rows[0]["model"] == "tiny-llama" and rows[0]["step_ms"] > 0
