@@ -77,3 +77,26 @@ def test_gpu_workflow_runs_a_profile_and_keeps_runs():
     assert any(r.startswith("make run PROFILE=") for r in runs)
     upload = next(s for s in job["steps"] if s.get("uses", "").startswith("actions/upload-artifact"))
     assert upload["with"]["path"].startswith("runs/") and upload["if"] == "always()"
+
+
+def test_a_gpu_profile_on_a_cpu_machine_stops_at_once():
+    """`make run PROFILE=1xH100` on a machine without a GPU: one line naming the profile that
+    suits, before any model is built or notebook started."""
+    import subprocess
+    import sys
+    import time
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "bloomkit.notebooks", "--profile", "1xH100",
+                           "--out", "/tmp/bloomkit-never"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().startswith("error: profile 1xH100 needs 1 CUDA GPU") and "cpu-tiny" in proc.stderr
+    assert time.perf_counter() - t0 < 60
+
+
+def test_a_long_profile_says_how_long_before_it_starts():
+    assert "about 10 minutes" in notebooks.check_machine(notebooks.load_profile("cpu-bench"))

@@ -65,12 +65,51 @@ def load_profile(name: str) -> dict:
         have = ", ".join(sorted(p.stem for p in PROFILE_DIR.glob("*.yaml")))
         raise UserError(f"unknown profile {name!r}; use one of: {have}")
     data = yaml.safe_load(path.read_text()) or {}
-    extra = set(data) - {"common", "notebooks", "description"}
+    extra = set(data) - {"common", "notebooks", "description", "requires"}
     if extra:
         raise UserError(f"{path.name}: unknown top-level keys {sorted(extra)}; use common, "
-                        "notebooks, description")
+                        "notebooks, description, requires")
     return {"common": data.get("common") or {}, "notebooks": data.get("notebooks") or {},
-            "description": data.get("description", "")}
+            "description": data.get("description", ""), "requires": data.get("requires") or {},
+            "name": name}
+
+
+def check_machine(profile: dict) -> str:
+    """Can this machine run ``profile``?  Its ``requires`` section names what it needs
+    (``device: cuda``, ``gpus``, ``gpu_memory`` per GPU, ``ram``) and ``minutes``, how long it
+    takes on its target machine.  A profile this machine cannot run stops here, before any
+    model is built, in one line naming a profile that suits; else returns the line to print
+    before starting (its expected duration)."""
+    from accelerate.utils import convert_file_size_to_int
+
+    from . import sysinfo
+
+    req, name = profile.get("requires") or {}, profile.get("name", "?")
+    here = "run `make run PROFILE=cpu-tiny` here (cpu-bench for timings)"
+    if req.get("device") == "cuda" or req.get("gpus"):
+        import torch
+
+        have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        need = int(req.get("gpus", 1))
+        if have < need:
+            raise UserError(f"profile {name} needs {need} CUDA GPU(s) and this machine has "
+                            f"{have or 'none'}; {here}, or run {name} on a machine with its GPUs")
+        if req.get("gpu_memory"):
+            want = convert_file_size_to_int(str(req["gpu_memory"]))
+            small = [i for i in range(need) if torch.cuda.get_device_properties(i).total_memory < 0.9 * want]
+            if small:
+                raise UserError(f"profile {name} needs {req['gpu_memory']} per GPU; GPU {small[0]} has "
+                                f"{torch.cuda.get_device_properties(small[0]).total_memory / 2**30:.0f} "
+                                "GiB: pick a profile for this GPU or lower its model")
+    if req.get("ram"):
+        want = convert_file_size_to_int(str(req["ram"]))
+        have = sysinfo.hardware()["ram_bytes"]
+        if have < 0.9 * want:
+            raise UserError(f"profile {name} needs {req['ram']} of RAM and this machine has "
+                            f"{have / 2**30:.0f} GiB; {here}")
+    minutes = req.get("minutes")
+    return (f"profile {name}: about {minutes} minutes on its target machine ({profile['description'].split(' - ')[0]})"
+            if minutes else f"profile {name}")
 
 
 def profile_parameters(profile: dict, nb_path: Path) -> dict:
@@ -117,6 +156,7 @@ def run_profile(profile_name: str, out_dir: str | Path, only: list[str] | None =
     from .results import read_records, write_json
 
     profile = load_profile(profile_name)
+    print(check_machine(profile), flush=True)
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [p for p in notebooks() if not only or any(p.stem.startswith(o) for o in only)]
