@@ -30,8 +30,9 @@ def main(argv=None):
                    help="keep the parameters in swap files in this directory (a fast local drive)")
     g.add_argument("--quant_bits", type=int, choices=zero.QUANT_BITS, default=None,
                    help="ZeRO-Inference group-wise weight quantization (--dtype int8 means 8)")
-    g.add_argument("--quant_group_size", type=cli.positive_int, default=64,
-                   help="weights per quantization group (divides the hidden size)")
+    g.add_argument("--quant_group_size", type=cli.positive_int, default=None,
+                   help="weights per quantization group (divides the hidden size); default: the "
+                        "largest of 64, 32, 16, ... that divides it")
     g.add_argument("--aio_buffer_count", type=cli.positive_int, default=zero.DEFAULT_BUFFER_COUNT,
                    help="NVMe read buffers (each as large as the largest weight partition)")
     g.add_argument("--kv_offload", action="store_true",
@@ -48,15 +49,18 @@ def main(argv=None):
         raise UserError("--kv_offload moves the KV cache from the GPU to CPU memory and needs "
                         "CUDA; drop it on CPU")
     config = models.load_config(path)
-    if quant_bits and config.hidden_size % args.quant_group_size:
-        raise UserError(f"--quant_group_size {args.quant_group_size} does not divide the hidden "
-                        f"size {config.hidden_size}; pick a divisor such as 64")
+    group = zero.quant_group_size(config, args.quant_group_size) if quant_bits else None
     rank, world = zero.dist_env(device)
 
     info = {"offload": mode, "quant_bits": quant_bits, "streams": world}
     plan = None
     if mode == "nvme":
         plan = zero.plan_nvme_buffers(config, compute, world, args.aio_buffer_count)
+        swapped, _ = zero.swapped_partitions(config, compute, world, quant_bits)
+        info.update(swapped_partitions=swapped,
+                    nvme_note=zero.nvme_swap_note(config, compute, world, quant_bits))
+        if info["nvme_note"] and rank == 0:
+            print(f"note: --nvme_offload_path: {info['nvme_note']}", flush=True)
         zero.check_nvme_path(args.nvme_offload_path, memory.weight_bytes(config, compute))
         info["async_io"] = zero.check_async_io()
         info.update(nvme_path=args.nvme_offload_path, aio_buffer_count=plan.buffer_count,
@@ -64,7 +68,7 @@ def main(argv=None):
     rank, world = zero.init_distributed(device)
     ds = zero.ds_config(config.hidden_size, dtype=compute, offload=mode,
                         nvme_path=args.nvme_offload_path, world_size=world, buffers=plan,
-                        quant_bits=quant_bits, quant_group_size=args.quant_group_size)
+                        quant_bits=quant_bits, quant_group_size=group or 64)
 
     def load(path, _dtype, device):
         model = zero.load_model(path, compute, ds, device)

@@ -11,6 +11,7 @@ import time
 import pytest
 
 from bloomkit import launch, models
+from bloomkit.errors import UserError
 from bloomkit.strategies import zero
 from conftest import ROOT, assert_one_line_error, read_json, run_script
 
@@ -105,6 +106,7 @@ def test_nvme_really_swaps_is_identical_and_cleans_up(tmp_path):
     rec = read_json(out)
     z = rec["options"]["zero"]
     assert seen > 0 and z["swap_after_load"]["files"] > 0 and z["swap_after_load"]["bytes"] > 2**20
+    assert z["swapped_partitions"] == 33 and z["nvme_note"] is None  # 8 blocks x 4 + embedding
     assert rec["quality"]["identical"], rec["quality"]["mismatches"]
     assert list(nv.iterdir()) == []
 
@@ -285,3 +287,22 @@ def test_gpu_cpu_offload_4bit_bf16(tmp_path):
     for r in read_json(out):
         q, b = r["quality"], QUANT_BOUNDS[4]
         assert q["teacher_forced_top1"] >= b["top1"] and q["logit_rel_rms_err"] <= b["rel_rms"], q
+
+
+def test_a_run_labelled_nvme_says_when_nothing_reaches_the_disk():
+    """Partitions under DeepSpeed's 1 MiB threshold stay in RAM: the record says so. small's
+    4-bit partitions are 0.5 MiB (only the 1 MiB embedding swaps); bench's larger ones swap."""
+    cfg = lambda n: models.load_config(models.resolve_model(n))  # noqa: E731
+    assert "nothing is swapped" in zero.nvme_swap_note(cfg("tiny"))
+    assert zero.nvme_swap_note(cfg("small")) is None
+    assert zero.swapped_partitions(cfg("small"), quant_bits=4)[0] == 1
+    assert zero.swapped_partitions(models.family_config(**models.PRESETS["bench"].__dict__),
+                                   quant_bits=4)[0] == 24 * 3 + 1  # h x h (0.5 MiB) stays
+
+
+def test_quant_group_size_is_derived_from_the_model():
+    cfg = models.load_config(models.resolve_model("odd-llama"))  # hidden 96
+    assert zero.quant_group_size(cfg) == 32
+    with pytest.raises(UserError, match="does not divide the hidden size 96; use one of 32, 16"):
+        zero.quant_group_size(cfg, 64)
+

@@ -136,11 +136,48 @@ def plan_nvme_buffers(config, dtype: str = "fp32", world_size: int = 1,
             f"({buffer_count} x {size * elem / 2**20:.1f} MiB, the model's largest partition) but "
             f"`ulimit -l` is {limit / 2**20:.0f} MiB; raise it (ulimit -l unlimited, or "
             "docker run --ulimit memlock=-1), run with more ranks, or use --cpu_offload")
-    # the embedding (twice when the output head is untied), then every block's matrices
-    heads_out = 1 if arch.is_tied(config) else 2
-    n_swapped = heads_out * int(parts[0] * elem >= MIN_AIO_BYTES) + arch.layers_of(config) * sum(
-        p * elem >= MIN_AIO_BYTES for p in parts[1:])
+    n_swapped = swapped_partitions(config, dtype if dtype != "int8" else "fp32", world_size)[0]
     return BufferPlan(size, buffer_count, locked, limit, n_swapped)
+
+
+def swapped_partitions(config, dtype: str = "fp32", world_size: int = 1,
+                       quant_bits: int | None = None) -> tuple[int, int]:
+    """``(count, largest bytes)`` of the weight partitions DeepSpeed would write to NVMe: each
+    rank's share of a matrix, stored in ``dtype`` or at ``quant_bits`` per weight, swaps only
+    when it reaches :data:`MIN_AIO_BYTES`."""
+    per = quant_bits / 8 if quant_bits else memory.dtype_bytes(dtype)
+    parts = [-(-n // world_size) * per for n in param_numels(config)]
+    heads_out = 1 if arch.is_tied(config) else 2
+    count = heads_out * int(parts[0] >= MIN_AIO_BYTES) + arch.layers_of(config) * sum(
+        p >= MIN_AIO_BYTES for p in parts[1:])
+    return count, int(max(parts))
+
+
+def nvme_swap_note(config, dtype: str = "fp32", world_size: int = 1,
+                   quant_bits: int | None = None) -> str | None:
+    """Why an NVMe run would read nothing from the disk, or ``None`` when it does: a run
+    labelled NVMe must say so when every weight stays in RAM (its record carries the note)."""
+    count, largest = swapped_partitions(config, dtype, world_size, quant_bits)
+    if count:
+        return None
+    stored = f"{quant_bits}-bit" if quant_bits else dtype
+    return (f"nothing is swapped to disk: the largest weight partition is {largest / 2**10:.0f} KiB "
+            f"in {stored}, under DeepSpeed's {MIN_AIO_BYTES // 2**20} MiB swap threshold, so every "
+            "weight stays in RAM (this measures NVMe offload's bookkeeping, not the disk; use a larger "
+            "model, e.g. --name bench, to stream weights from the drive)")
+
+
+def quant_group_size(config, asked: int | None = None) -> int:
+    """Weights per quantization group: ``asked`` if it divides the hidden size, else a one-line
+    error listing the sizes that do; by default the largest of 64, 32, 16, ... that divides it."""
+    h = arch.hidden_of(config)
+    fits = [g for g in (128, 64, 32, 16, 8, 4, 2, 1) if h % g == 0]
+    if asked is None:
+        return next(g for g in fits if g <= 64)
+    if h % asked:
+        raise UserError(f"--quant_group_size {asked} does not divide the hidden size {h}; use one "
+                        f"of {', '.join(map(str, fits[:5]))} (or leave it out: {next(g for g in fits if g <= 64)})")
+    return asked
 
 
 # ---------------------------------------------------------------------------- config
