@@ -168,15 +168,23 @@ def nvme_swap_note(config, dtype: str = "fp32", world_size: int = 1,
 
 
 def quant_group_size(config, asked: int | None = None) -> int:
-    """Weights per quantization group: ``asked`` if it divides the hidden size, else a one-line
-    error listing the sizes that do; by default the largest of 64, 32, 16, ... that divides it."""
-    h = arch.hidden_of(config)
-    fits = [g for g in (128, 64, 32, 16, 8, 4, 2, 1) if h % g == 0]
+    """Weights per quantization group, which must divide every matrix's row length (the hidden
+    size, ``heads * head_dim`` and the MLP width): ``asked`` if it
+    does, else a one-line error listing the sizes that do; by default the largest of 64, 32,
+    16, ... that does."""
+    import math
+
+    hd = arch.head_dim_of(config)
+    dims = {arch.hidden_of(config), arch.heads_of(config) * hd, arch.ffn_of(config)}
+    g = math.gcd(*dims)
+    fits = [x for x in (128, 64, 32, 16, 8, 4, 2, 1) if g % x == 0]
+    best = next(x for x in fits if x <= 64)
     if asked is None:
-        return next(g for g in fits if g <= 64)
-    if h % asked:
-        raise UserError(f"--quant_group_size {asked} does not divide the hidden size {h}; use one "
-                        f"of {', '.join(map(str, fits[:5]))} (or leave it out: {next(g for g in fits if g <= 64)})")
+        return best
+    if g % asked:
+        raise UserError(f"--quant_group_size {asked} does not divide every row of this model's "
+                        f"matrices (lengths {', '.join(map(str, sorted(dims)))}); use one of "
+                        f"{', '.join(map(str, fits[:5]))} (or leave it out: {best})")
     return asked
 
 
