@@ -14,7 +14,7 @@ The blog's ``bloom-accelerate-inference.py``, on today's libraries.  Examples::
 from bloomkit import cli
 from bloomkit.measure import bench
 from bloomkit.strategies import accel
-from bloomkit.errors import cli_entry
+from bloomkit.errors import UserError, cli_entry
 
 
 @cli_entry
@@ -28,6 +28,9 @@ def main(argv=None):
     g.add_argument("--offload_folder", default=None,
                    help="directory for weights that fit neither GPUs nor --max_memory cpu")
     args = p.parse_args(argv)
+    if args.compile and (args.offload_folder or args.max_memory or args.dtype in ("int8", "nf4")):
+        raise UserError("--compile needs the whole model in one device's memory with plain weights; "
+                        "drop --compile, or --max_memory/--offload_folder and int8")
     max_memory = accel.parse_max_memory(args.max_memory)
     accel.check_offload_folder(args.offload_folder)
 

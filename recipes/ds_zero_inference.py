@@ -40,6 +40,11 @@ def main(argv=None):
                         "cache; CUDA only)")
     args = p.parse_args(argv)
 
+    if args.compile:
+        raise UserError("--compile does not apply to ZeRO-Inference: ZeRO-3 gathers each layer's "
+                        "weights in hooks around every module's forward, which a compiled graph "
+                        "cannot capture; drop --compile (or use recipes/accelerate_inference.py or "
+                        "recipes/ds_inference.py to compile)")
     mode = zero.offload_mode(args.cpu_offload, args.nvme_offload_path)
     s = cli.prepare(args)  # shared flags, model path, --json_out: before anything expensive
     device, dtype, path = s["device"], s["dtype"], s["path"]

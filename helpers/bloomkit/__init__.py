@@ -3,7 +3,8 @@
 The package is grouped by concern; imports only go down this list, and no two modules
 import each other (``tests/test_layout.py`` checks both):
 
-* entry points — :mod:`.notebooks` (``make run``), :mod:`.microbench` (the benchmarks);
+* entry points — :mod:`.notebooks` (``make run``), :mod:`.microbench` (the benchmarks),
+  :mod:`.train` (the shipped ``trained`` model);
 * :mod:`.strategies` — Accelerate, DeepSpeed tensor parallelism, ZeRO-Inference, BLOOM's extras;
 * :mod:`.measure` — the harness, quality checks, planner, roofline, report;
 * the ground — :mod:`.cli` (recipes' shared flags), :mod:`.models` (embedded models, any

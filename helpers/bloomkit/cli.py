@@ -56,7 +56,8 @@ def common_parser(description: str) -> Parser:
     p = Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("shared by every recipe")
     g.add_argument("--name", default="tiny",
-                   help="model: a preset (tiny, small, bench), a local HF directory, or a hub id "
+                   help="model: a preset (tiny, small, bench, tiny-llama, ...), trained (the small "
+                        "BLOOM trained on Python's stdlib), a local HF directory, or a hub id "
                         "already in the local cache (e.g. bigscience/bloom)")
     g.add_argument("--dtype", type=dtype_arg, default=None,
                    help="fp32, bf16, fp16 (CUDA only) or int8; default fp32 on CPU, bf16 on CUDA")
@@ -76,6 +77,9 @@ def common_parser(description: str) -> Parser:
     g.add_argument("--memory_budget", default=None,
                    help="CPU stand-in for device memory in a sweep, e.g. 4GiB: batch sizes whose "
                         "estimated need exceeds it are recorded as oom")
+    g.add_argument("--compile", action="store_true",
+                   help="static KV cache + torch.compile of the decode step (CUDA graphs on GPU); "
+                        "the first call compiles (recorded as warmup_seconds)")
     g.add_argument("--device", choices=["cpu", "cuda"], default=None,
                    help="default: cuda when available, else cpu")
     # `deepspeed script.py` appends --local_rank=K to each rank's command line (unless it is given
@@ -134,6 +138,10 @@ def summary_line(r: dict) -> str:
     parts = [head, f"load {r['load_seconds']:.2f}s"]
     if isinstance(r["ms_per_token"], float):
         parts.append(f"{r['ms_per_token']:.3f} ms/token")
+        if r.get("ttft_ms") is not None and r.get("decode_ms_per_token") is not None:
+            parts.append(f"first token {r['ttft_ms']:.1f} ms, decode {r['decode_ms_per_token']:.3f} ms/token")
+        if (r.get("options") or {}).get("compile"):
+            parts.append(f"compiled (first call {r['warmup_seconds']:.1f}s, {r['recompiles']} recompiles)")
     q = r.get("quality")
     if q:
         parts.append(f"identical={q['identical']} token_match={q['token_match']:.3f} "

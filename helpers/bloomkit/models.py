@@ -324,16 +324,37 @@ def ensure_random(name: str) -> Path:
     return _ensure(random_path(name), lambda tmp: build_random_bloom(name, tmp))
 
 
+# The one trained (not random) model: a small BLOOM trained on the Python standard library by
+# ``python -m bloomkit.train`` and shipped in the repository (other Python versions have
+# another stdlib, so it is not rebuilt on the fly).
+TRAINED_NAME = "trained"
+TRAINED_DIR = Path(__file__).resolve().parents[2] / "models" / "trained"
+
+
+def trained_path() -> Path:
+    """The shipped ``trained`` model's directory; a one-line error when it is not there."""
+    if not (TRAINED_DIR / "config.json").exists():
+        raise UserError(f"the trained model is not at {TRAINED_DIR} (it ships with the repository, "
+                        "not the package); build one with `python -m bloomkit.train --out DIR` "
+                        "and pass `--name DIR`")
+    return TRAINED_DIR
+
+
 def resolve_model(name: str) -> Path:
     """Turn a model name into a local directory that ``from_pretrained`` can read.
 
-    ``name`` is a preset (``tiny``, ``small``, ``bench``), a real BLOOM's name such as
-    ``bloom-7b1`` (its cached checkpoint, else random weights of its shape), a local directory holding a
-    Hugging Face checkpoint, or a hub id such as ``bigscience/bloom`` that must already be
-    in the local Hugging Face cache (nothing is downloaded here).
+    ``name`` is a preset (``tiny``, ``small``, ``bench`` and the other generated, random
+    ones), ``trained`` (the small BLOOM trained on Python's standard library that ships in
+    ``models/trained/``: the only embedded model whose text means something), a real
+    BLOOM's name such as ``bloom-7b1`` (its cached checkpoint, else random weights of its
+    shape), a local directory holding a Hugging Face checkpoint, or a hub id such as
+    ``bigscience/bloom`` that must already be in the local Hugging Face cache (nothing is
+    downloaded here).
     """
     if name in PRESETS:
         return ensure_preset(name)
+    if name == TRAINED_NAME:
+        return trained_path()
     if name in BLOOM_DIMS and name != "bloom":
         # the real checkpoint when it is cached, else random weights of the same shape
         from huggingface_hub import snapshot_download
@@ -362,7 +383,8 @@ def resolve_model(name: str) -> Path:
             raise UserError(f"model {repo} is not in the local Hugging Face cache and downloads "
                             f"are off; run `huggingface-cli download {repo}` on a machine with "
                             "access (or set HF_HOME to where it is), or pass a local directory") from None
-    raise UserError(f"model {name!r} not found: pass a preset ({', '.join(PRESETS)}), an existing "
+    raise UserError(f"model {name!r} not found: pass a preset ({', '.join(PRESETS)}, "
+                    f"{TRAINED_NAME}), an existing "
                     "local directory, or a hub id like bigscience/bloom")
 
 

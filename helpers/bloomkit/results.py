@@ -36,6 +36,12 @@ def make_record(*, strategy: str, model: str, dtype: str, batch_size: int, max_n
         "cycle_seconds": timing.cycle_seconds if timing else None,
         "peak_rss_bytes": timing.peak_rss_bytes if timing else None,
         "cuda_max_allocated_bytes": timing.cuda_max_allocated_bytes if timing else None,
+        # the blog's metric mixes these: prefill (time to first token) and the decode steps
+        "ttft_ms": timing.ttft_ms if timing else None,
+        "decode_ms_per_token": (timing.decode_ms_per_step / batch_size
+                                if timing and timing.decode_ms_per_step is not None else None),
+        "warmup_seconds": timing.warmup_seconds if timing else None,
+        "recompiles": timing.recompiles if timing else None,
         "prompts": gen.prompts if gen else None,
         "tokens": gen.tokens if gen else None,
         "texts": gen.texts if gen else None,

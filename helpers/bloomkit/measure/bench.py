@@ -34,7 +34,8 @@ def run_variant(*, strategy: str, name: str, load: Callable, path: str | Path | 
                 options: dict | None = None, prompts: list[str] | None = None,
                 cycles: int | None = None, verify: bool = False, budget: int | None = None,
                 world_size: int = 1, generate_fn: Callable | None = None,
-                token_multiplier: int = 1, model=None, load_seconds: float | None = None) -> list[dict]:
+                token_multiplier: int = 1, model=None, load_seconds: float | None = None,
+                compile: bool = False) -> list[dict]:
     """Result records of one strategy variant, one per batch size.
 
     ``load(path, dtype, device)`` builds the model ("start to ready" is timed around it);
@@ -45,6 +46,9 @@ def run_variant(*, strategy: str, name: str, load: Callable, path: str | Path | 
     tables; a real out-of-memory error during a sweep is recorded the same way.
     ``generate_fn(model, tok, prompts, n)`` replaces :func:`harness.generate`.
     ``token_multiplier``: ranks that each generate their own stream count all ranks' tokens.
+    ``compile``: a static KV cache and the decode step compiled (:func:`harness.compile_kwargs`);
+    the warm-up call pays the compilation, recorded as ``warmup_seconds``, and ``recompiles``
+    counts graphs built during the timed cycles (0 when shapes are stable).
     """
     path = Path(path) if path is not None else models.resolve_model(name)
     config = models.load_config(path)
@@ -56,7 +60,12 @@ def run_variant(*, strategy: str, name: str, load: Callable, path: str | Path | 
     if hasattr(model, "hf_device_map"):
         options.setdefault("placement", placement(model))
     tok = models.load_tokenizer(path)
-    gen_fn = generate_fn or (lambda m, t, p, n: harness.generate(m, t, p, n))
+    extra = {}
+    if compile:
+        harness.check_compilable(model)
+        extra = harness.compile_kwargs(device)
+        options["compile"] = True
+    gen_fn = generate_fn or (lambda m, t, p, n: harness.generate(m, t, p, n, **extra))
     records = []
     for bs in batch_sizes:
         rows = harness.make_prompts(bs, prompts)
@@ -104,7 +113,7 @@ def run_recipe(args, *, strategy: str, load: Callable, options: dict, world_size
         batch_sizes=args.batch_size, max_new_tokens=args.max_new_tokens, load=load,
         options=options, prompts=s["base_prompts"], cycles=args.cycles if args.benchmark else None,
         verify=args.verify and is_main, budget=s["budget"], world_size=world_size,
-        generate_fn=generate_fn, token_multiplier=token_multiplier)
+        generate_fn=generate_fn, token_multiplier=token_multiplier, compile=args.compile)
     if is_main:
         if args.json_out:
             results.write_json(args.json_out, records[0] if len(records) == 1 else records)

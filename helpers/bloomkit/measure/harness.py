@@ -37,6 +37,75 @@ class Generation:
     tokens: list[list[int]]          # new token ids per row, prompt excluded
     texts: list[str]                 # decoded new tokens per row
     scores: list | None = None       # per-step logits (only when asked for)
+    step_times: list[float] | None = None  # seconds from the call's start to each new token
+
+
+def _step_clock():
+    """A ``generate`` streamer that only notes the time each new token arrives: the first
+    ``put`` is the prompt, each later one a decode step.  The blog's metric (whole call ÷
+    tokens) mixes the prompt pass (prefill, time to first token) with the decode steps; this
+    keeps them apart at the cost of one clock read per step."""
+    from transformers.generation.streamers import BaseStreamer
+
+    class StepClock(BaseStreamer):
+        def __init__(self):
+            self.start, self.times, self._prompt = time.perf_counter(), [], True
+
+        def put(self, value):
+            if self._prompt:
+                self._prompt = False
+                return
+            self.times.append(time.perf_counter() - self.start)
+
+        def end(self):
+            pass
+
+    return StepClock()
+
+
+def compile_kwargs(device: str = "cpu") -> dict:
+    """``generate`` arguments that compile the decode step, the library's own way: a static
+    KV cache (fixed shapes, allocated once for prompt + new tokens) and a ``CompileConfig``
+    (``fullgraph``, no dynamic shapes; on CUDA ``reduce-overhead``, i.e. CUDA graphs that
+    replay a whole step's kernel launches at once).  transformers compiles by itself only on
+    CUDA; ``_compile_all_devices`` asks it to on the CPU too (inductor's C++ kernels)."""
+    from transformers.generation.configuration_utils import CompileConfig
+
+    cfg = CompileConfig(fullgraph=True, dynamic=False,
+                        mode="reduce-overhead" if device == "cuda" else "default")
+    cfg._compile_all_devices = True
+    return {"cache_implementation": "static", "compile_config": cfg}
+
+
+def check_compilable(model) -> None:
+    """Refuse, in one line, a model the compiled decode step cannot take: weights that
+    Accelerate streams in from CPU RAM or disk during ``forward`` (its hooks move tensors
+    between devices, which a captured graph cannot replay), bitsandbytes-quantized weights
+    (transformers skips compilation for them), or an architecture transformers does not
+    compile full-graph."""
+    from ..errors import UserError
+
+    places = {str(v) for v in (getattr(model, "hf_device_map", None) or {}).values()}
+    if "disk" in places or ("cpu" in places and len(places) > 1):
+        raise UserError("--compile needs every weight in one device's memory, and this model is "
+                        f"offloaded ({', '.join(sorted(places))}); drop --compile, or --max_memory/"
+                        "--offload_folder so the model loads whole")
+    if getattr(model, "is_quantized", False) or getattr(model, "hf_quantizer", None) is not None:
+        raise UserError("--compile cannot take bitsandbytes-quantized weights (transformers runs "
+                        "them eagerly); drop --compile, or use --dtype bf16/fp32")
+    if not getattr(model, "_can_compile_fullgraph", False):
+        raise UserError(f"--compile: transformers cannot compile {type(model).__name__} full-graph "
+                        "with a static cache; drop --compile for this model")
+
+
+def compiled_graphs() -> int:
+    """Graphs torch.compile has built in this process so far: a timed cycle that raises it
+    recompiled (a new shape or a guard that failed)."""
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:
+        return 0
+    return int(counters["stats"]["unique_graphs"])
 
 
 def input_device(model):
@@ -66,13 +135,17 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, *, devic
     kw.update(extra)
     if return_scores:
         kw.update(output_scores=True, return_dict_in_generate=True)
+    clock = None
+    if "streamer" not in kw:
+        kw["streamer"] = clock = _step_clock()
     with torch.inference_mode():
         out = model.generate(**inputs, **kw)
     seqs = out.sequences if return_scores else out
     new = seqs[:, inputs["input_ids"].shape[1]:].tolist()
     texts = tokenizer.batch_decode(new, skip_special_tokens=True)
     scores = [s.float().cpu() for s in out.scores] if return_scores else None
-    return Generation(prompts=list(prompts), tokens=new, texts=texts, scores=scores)
+    return Generation(prompts=list(prompts), tokens=new, texts=texts, scores=scores,
+                      step_times=clock.times if clock else None)
 
 
 class PeakRSS:
@@ -124,6 +197,22 @@ class Timing:
     peak_rss_bytes: int
     cuda_max_allocated_bytes: int | None
     generation: Generation = field(repr=False)
+    warmup_seconds: float | None = None      # the untimed first call (compilation happens here)
+    ttft_ms: float | None = None             # time to first token: tokenize + prefill (median)
+    decode_ms_per_step: float | None = None  # one decode step for the whole batch (median)
+    recompiles: int = 0                      # graphs compiled during the timed cycles
+
+
+def _split(gens: list, batch_size: int) -> tuple[float | None, float | None]:
+    """Median time to first token (ms) and median decode step (ms) over the cycles."""
+    ttft, steps = [], []
+    for g in gens:
+        t = getattr(g, "step_times", None) or []
+        if t:
+            ttft.append(t[0] * 1e3)
+        if len(t) > 1:
+            steps.append((t[-1] - t[0]) * 1e3 / (len(t) - 1))
+    return (statistics.median(ttft) if ttft else None, statistics.median(steps) if steps else None)
 
 
 def time_generation(run: Callable[[], Generation], *, batch_size: int, max_new_tokens: int,
@@ -143,9 +232,13 @@ def time_generation(run: Callable[[], Generation], *, batch_size: int, max_new_t
         torch.cuda.reset_peak_memory_stats()
     gen = None
     with PeakRSS() as rss:
+        t0 = time.perf_counter()
         for _ in range(warmup):
             gen = run()
-        times = []
+        cuda_sync()
+        warm = time.perf_counter() - t0 if warmup else None
+        graphs = compiled_graphs()
+        times, gens = [], []
         it = range(cycles)
         if progress:
             from tqdm.auto import tqdm
@@ -156,10 +249,13 @@ def time_generation(run: Callable[[], Generation], *, batch_size: int, max_new_t
             gen = run()
             cuda_sync()
             times.append(time.perf_counter() - t0)
+            gens.append(gen)
     per_token = statistics.median(times) * 1000.0 / (batch_size * max_new_tokens)
+    ttft, step = _split(gens, batch_size)
     return Timing(cycle_seconds=times, ms_per_token=per_token, peak_rss_bytes=rss.peak,
                   cuda_max_allocated_bytes=torch.cuda.max_memory_allocated() if cuda else None,
-                  generation=gen)
+                  generation=gen, warmup_seconds=warm, ttft_ms=ttft, decode_ms_per_step=step,
+                  recompiles=compiled_graphs() - graphs)
 
 
 class LoadTimer:

@@ -114,6 +114,13 @@ def check_cli(args) -> dict:
         if s["dtype"] == "int8":
             raise UserError("under kernel injection --save_shards writes DeepSpeed's fp16 files and "
                             f"int8 is quantized while reading them: {bloom.KERNEL_INT8_ROUTE}")
+    if args.compile:
+        # tried on CPU ranks (gloo): the compiled decode step with AutoTP's all-reduces inside
+        # left one rank waiting for the other at the end of generate (a hang, then the
+        # collective timeout); until that is solved the flag is refused rather than hanging
+        raise UserError("--compile is not supported under tensor parallelism yet (a compiled step "
+                        "holding AutoTP's all-reduces hung on CPU ranks); drop --compile, or compile "
+                        "a single-device model with recipes/accelerate_inference.py --compile")
     if args.save_shards:
         tp_shards.prepare_dir(args.save_shards)
     s.update(tp_size=tp_size, engine=engine, config=config)
@@ -218,7 +225,7 @@ def run(args) -> list[dict]:
         device=s["device"], batch_sizes=args.batch_size, max_new_tokens=args.max_new_tokens,
         load=None, model=model, load_seconds=lt.seconds, options=options,
         prompts=s["base_prompts"], cycles=args.cycles if args.benchmark else None,
-        verify=False, budget=s["budget"], world_size=world_size())
+        verify=False, budget=s["budget"], world_size=world_size(), compile=args.compile)
     if args.verify:
         verify(records, model, harness_tok(s["path"]), s["ref_path"], args.max_new_tokens,
                s["base_prompts"])

@@ -1,0 +1,284 @@
+"""Train the ``trained`` preset: a small BLOOM that writes recognisable Python.
+
+Every other embedded model is random (its completions are gibberish by design).  This script
+builds one that has actually learnt something, without any download: the corpus is the
+Python standard library's own source (``.py`` files of the running interpreter, under the
+PSF License Agreement), the tokenizer is a byte-level BPE trained on it with the same code
+as the embedded presets (:func:`bloomkit.models._save_tokenizer`), and the model is a
+``BloomForCausalLM`` trained with AdamW on next-token prediction for a fixed time box.
+
+    python -m bloomkit.train --out models/trained            # the shipped model (~18 min)
+    python -m bloomkit.train --out /tmp/t --minutes 0.05 --max_files 20   # a smoke test
+
+Another Python version has another standard library, hence another corpus: that is why the
+repository ships the weights (``models/trained/``) instead of rebuilding them.  The run is
+seeded (data order, initialisation), but the number of steps a time box allows depends on
+the machine; pass ``--max_steps`` for a run that is reproducible step for step.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+from .models import SPECIAL_TOKENS, _save_tokenizer
+
+EXCLUDED_DIRS = {"test", "tests", "idlelib", "site-packages", "__pycache__",
+                 "encodings"}  # encodings/: generated codec tables, not prose-like code
+MAX_FILE_BYTES = 200_000          # drops generated giants such as pydoc_data/topics.py
+HELDOUT_EVERY = 20                # every 20th file (sorted order) is held out
+EVAL_TOKENS = 32_768              # held-out tokens the recorded perplexity is computed on
+SAMPLE_TOKENS = 4_096             # held-out tokens shipped for the test to recompute
+LICENCE = "PSF License Agreement (Python Software Foundation License), permissive"
+
+
+# ---------------------------------------------------------------------------- corpus
+
+def stdlib_root() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def corpus_files(max_mb: float = 4.0, max_files: int | None = None) -> tuple[list[Path], list[Path]]:
+    """(train, held-out) standard-library files, deterministic for one Python version.
+
+    All ``.py`` files under the stdlib except tests, IDLE, site-packages, codec tables and
+    files over 200 kB, in sorted order; every 20th is held out.  The training files are then
+    capped at ``max_mb`` megabytes, picked in the order of a hash of their relative path (a
+    fixed, alphabet-independent subset).  ``max_files`` keeps only the first N of each split
+    in that order (for quick smoke runs)."""
+    root = stdlib_root()
+    files = [p for p in sorted(root.rglob("*.py"))
+             if not EXCLUDED_DIRS & set(p.relative_to(root).parts)
+             and p.stat().st_size <= MAX_FILE_BYTES]
+    held = [p for i, p in enumerate(files) if i % HELDOUT_EVERY == HELDOUT_EVERY - 1]
+    train = [p for i, p in enumerate(files) if i % HELDOUT_EVERY != HELDOUT_EVERY - 1]
+
+    def key(p: Path) -> str:
+        return hashlib.sha1(str(p.relative_to(root)).encode()).hexdigest()
+
+    picked, total = [], 0
+    for p in sorted(train, key=key):
+        if total >= max_mb * 1e6:
+            break
+        picked.append(p)
+        total += p.stat().st_size
+    held = sorted(held, key=key)
+    if max_files:
+        picked, held = picked[:max_files], held[:max(1, max_files // 10)]
+    return sorted(picked), held
+
+
+def read(p: Path) -> str:
+    return p.read_text(encoding="utf-8", errors="replace")
+
+
+def train_tokenizer(texts: list[str], vocab_size: int):
+    """Byte-level BPE (BLOOM's kind) with the embedded presets' special tokens (ids 0..3)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    return tok
+
+
+def encode(tok, texts: list[str], eos_id: int = 2) -> list[int]:
+    """One stream: each file's tokens followed by ``</s>``."""
+    ids: list[int] = []
+    for enc in tok.encode_batch(texts):
+        ids.extend(enc.ids)
+        ids.append(eos_id)
+    return ids
+
+
+# ---------------------------------------------------------------------------- evaluation
+
+def perplexity(model, ids, seq_len: int, max_tokens: int | None = None) -> float:
+    """exp(mean next-token loss) over consecutive non-overlapping windows of ``seq_len``."""
+    import torch
+
+    t = torch.tensor(ids[:max_tokens] if max_tokens else ids, dtype=torch.long)
+    n = (len(t) - 1) // seq_len
+    if n == 0:
+        raise ValueError(f"need more than {seq_len} tokens to measure perplexity, got {len(t)}")
+    x = t[: n * seq_len].view(n, seq_len)
+    y = t[1: n * seq_len + 1].view(n, seq_len)
+    total, count = 0.0, 0
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, n, 16):
+            logits = model(input_ids=x[i:i + 16]).logits.float()
+            total += torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), y[i:i + 16].reshape(-1), reduction="sum").item()
+            count += y[i:i + 16].numel()
+    return math.exp(total / count)
+
+
+# ---------------------------------------------------------------------------- training
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bloomkit.train", description=__doc__.split("\n")[0])
+    ap.add_argument("--out", required=True, help="directory to write the checkpoint to")
+    ap.add_argument("--minutes", type=float, default=18.0, help="training time box (default 18)")
+    ap.add_argument("--max_steps", type=int, default=None, help="stop after this many steps")
+    ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--max_files", type=int, default=None, help="only N training files (smoke runs)")
+    ap.add_argument("--max_mb", type=float, default=4.0, help="training corpus cap in MB")
+    ap.add_argument("--vocab", type=int, default=4096)
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--seq_len", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--log_every", type=int, default=50)
+    ap.add_argument("--threads", type=int, default=2,
+                    help="torch threads (1 is faster when other jobs share the cores)")
+    args = ap.parse_args(argv)
+
+    # idle OpenMP threads spinning make multi-thread runs many times slower on shared cores
+    # (as the launcher does); only effective before torch is first imported
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    import torch
+    from transformers import BloomConfig, BloomForCausalLM, GenerationConfig
+
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    t0 = time.time()
+    out = Path(args.out)
+
+    train_files, held_files = corpus_files(args.max_mb, args.max_files)
+    root = stdlib_root()
+    train_texts = [read(p) for p in train_files]
+    held_texts = [read(p) for p in held_files]
+    tok = train_tokenizer(train_texts, args.vocab)
+    vocab = tok.get_vocab_size()
+    train_ids = encode(tok, train_texts)
+    held_ids = encode(tok, held_texts)
+    print(f"corpus: {len(train_files)} train files ({sum(map(len, train_texts)) / 1e6:.2f} M chars, "
+          f"{len(train_ids)} tokens), {len(held_files)} held-out files ({len(held_ids)} tokens), "
+          f"vocab {vocab}; {time.time() - t0:.1f}s", flush=True)
+
+    config = BloomConfig(vocab_size=vocab, hidden_size=args.hidden, n_layer=args.layers,
+                         n_head=args.heads, initializer_range=0.02, bos_token_id=1,
+                         eos_token_id=2, pad_token_id=3)
+    model = BloomForCausalLM(config)
+    n_params = sum(p.numel() for p in model.parameters())
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
+                             {"params": no_decay, "weight_decay": 0.0}],
+                            lr=args.lr, betas=(0.9, 0.95))
+    data = torch.tensor(train_ids, dtype=torch.long)
+    gen = torch.Generator().manual_seed(args.seed)
+    budget = args.minutes * 60
+    warmup = 100
+    print(f"model: BLOOM hidden {args.hidden}, {args.layers} layers, {args.heads} heads, "
+          f"{n_params / 1e6:.2f} M parameters; training for {args.minutes:g} min", flush=True)
+
+    model.train()
+    t_train, step, ema = time.time(), 0, None
+    while True:
+        elapsed = time.time() - t_train
+        if elapsed >= budget or (args.max_steps is not None and step >= args.max_steps):
+            break
+        # schedule by the fraction of the time box used (steps are not known in advance):
+        # linear warm-up, then cosine decay to 10 % of the peak
+        frac = elapsed / budget if args.max_steps is None else step / args.max_steps
+        lr = args.lr * (min(1.0, (step + 1) / warmup) *
+                        (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        starts = torch.randint(0, len(data) - args.seq_len - 1, (args.batch,), generator=gen)
+        batch = torch.stack([data[s: s + args.seq_len + 1] for s in starts.tolist()])
+        loss = _loss(model, batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
+        if step % args.log_every == 0 or step == 1:
+            print(f"step {step:6d}  loss {loss.item():.3f}  (avg {ema:.3f})  lr {lr:.2e}  "
+                  f"{time.time() - t_train:7.1f}s", flush=True)
+    train_seconds = time.time() - t_train
+
+    model.eval()
+    eval_len = min(256, max(8, len(held_ids) // 2))
+    ppl = perplexity(model, held_ids, eval_len, EVAL_TOKENS)
+    print(f"trained {step} steps in {train_seconds / 60:.1f} min; final train loss {ema:.3f}; "
+          f"held-out perplexity {ppl:.2f} (first {min(EVAL_TOKENS, len(held_ids))} held-out "
+          f"tokens, windows of {eval_len})", flush=True)
+
+    # the held-out files whose tokens the test recomputes the perplexity on (PSF-licensed text)
+    sample_files, n_tok = [], 0
+    for p, text in zip(held_files, held_texts):
+        sample_files.append((str(p.relative_to(root)), text))
+        n_tok += len(tok.encode(text).ids) + 1
+        if n_tok > SAMPLE_TOKENS:
+            break
+    sample_ids = encode(tok, [t for _, t in sample_files])
+    sample_ppl = perplexity(model, sample_ids, eval_len, SAMPLE_TOKENS)
+
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)  # fp32 (what it was trained in)
+    _save_tokenizer(tok, out, bloom=True)
+    GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=3, do_sample=False,
+                     max_new_tokens=64).save_pretrained(out)
+    (out / "heldout_sample.json").write_text(json.dumps(
+        {"note": "held-out standard-library files (PSF License Agreement); the test re-measures "
+                 "the perplexity on their first tokens", "files": [f for f, _ in sample_files],
+         "texts": [t for _, t in sample_files]}, indent=1) + "\n")
+    meta = {
+        "corpus": "Python standard library source (.py files under sysconfig stdlib, excluding "
+                  "test/, tests/, idlelib/, site-packages/, encodings/ and files over 200 kB; "
+                  f"training files capped at {args.max_mb:g} MB by hash of path; every "
+                  f"{HELDOUT_EVERY}th file in sorted order held out)",
+        "corpus_licence": LICENCE,
+        "python_version": sys.version.split()[0],
+        "python_note": "another Python version has another standard library, so it gives another "
+                       "corpus: the weights are shipped rather than rebuilt",
+        "train_files": len(train_files), "train_tokens": len(train_ids),
+        "heldout_files": len(held_files), "heldout_tokens": len(held_ids),
+        "model": {"hidden_size": args.hidden, "n_layer": args.layers, "n_head": args.heads,
+                  "vocab_size": vocab, "parameters": n_params, "dtype": "float32"},
+        "training": {"optimizer": "AdamW (betas 0.9/0.95, weight decay 0.1)", "peak_lr": args.lr,
+                     "schedule": "100-step warm-up, cosine to 10% over the time box",
+                     "seq_len": args.seq_len, "batch": args.batch, "seed": args.seed,
+                     "minutes_budget": args.minutes, "torch_threads": args.threads,
+                     "torch": torch.__version__},
+        "steps": step, "train_tokens_seen": step * args.batch * args.seq_len,
+        "seconds": round(train_seconds, 1), "final_train_loss": round(ema, 4),
+        "heldout_perplexity": round(ppl, 3),
+        "heldout_eval": {"tokens": min(EVAL_TOKENS, len(held_ids)), "window": eval_len},
+        "heldout_sample_perplexity": round(sample_ppl, 3),
+        "heldout_sample_eval": {"file": "heldout_sample.json", "tokens": SAMPLE_TOKENS,
+                                "window": eval_len},
+    }
+    (out / "bloomkit_trained.json").write_text(json.dumps(meta, indent=2) + "\n")
+    print(f"saved to {out} ({sum(f.stat().st_size for f in out.iterdir()) / 1e6:.1f} MB); "
+          f"total {time.time() - t0:.0f}s", flush=True)
+    return 0
+
+
+def _loss(model, batch):
+    """Next-token cross-entropy of ``batch`` (rows of seq_len + 1 tokens)."""
+    import torch
+
+    logits = model(input_ids=batch[:, :-1]).logits
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                             batch[:, 1:].reshape(-1))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
