@@ -188,8 +188,9 @@ def _corpus(n_words: int, seed: int) -> list[str]:
     return lines
 
 
-def build_tokenizer(vocab_size: int, seed: int = 0):
-    """Train a byte-level BPE tokenizer (BLOOM's kind) with exactly ``vocab_size`` tokens."""
+def build_tokenizer(vocab_size: int, seed: int = 0, texts=None):
+    """Train a byte-level BPE tokenizer (BLOOM's kind) with exactly ``vocab_size`` tokens, on
+    ``texts`` (any iterable of strings) or, by default, the presets' pseudo-word corpus."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
@@ -198,8 +199,8 @@ def build_tokenizer(vocab_size: int, seed: int = 0):
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
-    n_words = 2000 + 40 * vocab_size
-    tok.train_from_iterator(_corpus(n_words, seed), trainer=trainer)
+    tok.train_from_iterator(texts if texts is not None else _corpus(2000 + 40 * vocab_size, seed),
+                            trainer=trainer)
     if tok.get_vocab_size() != vocab_size:  # corpus too small for the asked size
         raise RuntimeError(f"tokenizer has {tok.get_vocab_size()} tokens, wanted {vocab_size}")
     return tok

@@ -27,7 +27,7 @@ import sysconfig
 import time
 from pathlib import Path
 
-from .models import SPECIAL_TOKENS, _save_tokenizer
+from .models import _save_tokenizer, build_tokenizer
 
 EXCLUDED_DIRS = {"test", "tests", "idlelib", "site-packages", "__pycache__",
                  "encodings"}  # encodings/: generated codec tables, not prose-like code
@@ -76,20 +76,6 @@ def corpus_files(max_mb: float = 4.0, max_files: int | None = None) -> tuple[lis
 
 def read(p: Path) -> str:
     return p.read_text(encoding="utf-8", errors="replace")
-
-
-def train_tokenizer(texts: list[str], vocab_size: int):
-    """Byte-level BPE (BLOOM's kind) with the embedded presets' special tokens (ids 0..3)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
-    tok.train_from_iterator(texts, trainer=trainer)
-    return tok
 
 
 def encode(tok, texts: list[str], eos_id: int = 2) -> list[int]:
@@ -161,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     root = stdlib_root()
     train_texts = [read(p) for p in train_files]
     held_texts = [read(p) for p in held_files]
-    tok = train_tokenizer(train_texts, args.vocab)
+    tok = build_tokenizer(args.vocab, texts=train_texts)
     vocab = tok.get_vocab_size()
     train_ids = encode(tok, train_texts)
     held_ids = encode(tok, held_texts)
