@@ -216,3 +216,18 @@ def test_planner_cuts_gqa_models_by_kv_head():
     assert not tp16["fits"] and "key/value head" in tp16["note"]
     frame = planner.models_frame()
     assert frame.loc["Llama-3.1-8B", "kv_heads"] == 8 and frame.loc["Llama-3.1-8B", "params_B"] == 8.03
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-llama", "odd-llama", "tiny-falcon", "tiny-opt"])
+def test_planner_config_of_a_preset_counts_its_real_model(name):
+    """The planner's view of a generated preset is that preset's family, not BLOOM's."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from bloomkit import models
+    from bloomkit.measure import planner
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(models.load_config(models.resolve_model(name)))
+    assert memory.param_count(planner.config_of(name)) == sum(p.numel() for p in model.parameters())
+

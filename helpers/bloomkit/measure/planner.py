@@ -308,10 +308,10 @@ def config_of(name: str) -> dict:
         return model_dims(key)
     if key in models.BLOOM_DIMS:
         return dict(models.BLOOM_DIMS[key])
-    if name in models.PRESETS:
-        p = models.PRESETS[name]
-        return {"hidden_size": p.hidden_size, "n_layer": p.n_layer, "n_head": p.n_head,
-                "vocab_size": p.vocab_size}
+    if name in models.PRESETS:  # the preset's own config (any family), built without weights
+        from dataclasses import asdict
+
+        return model_dims(models.family_config(**asdict(models.PRESETS[name])))
     return model_dims(models.load_config(models.resolve_model(name)))
 
 
