@@ -118,3 +118,18 @@ def test_train_script_writes_a_loadable_directory(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(str(models.resolve_model(str(out))))
     assert model.config.vocab_size == meta["model"]["vocab_size"]
     assert models.load_tokenizer(out).pad_token_id == 3
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--out", "/proc/bloomkit-nope/x"], "--out /proc/bloomkit-nope/x/config.json"),
+    (["--out", "/tmp/bloomkit-never", "--heads", "7"], "does not divide --hidden"),
+])
+def test_train_bad_flags_are_one_line(flags, needle):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "bloomkit.train", *flags], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], proc.stderr

@@ -54,7 +54,7 @@ def make_record(*, strategy: str, model: str, dtype: str, batch_size: int, max_n
     return rec
 
 
-def check_writable(path: str | Path | None) -> None:
+def check_writable(path: str | Path | None, flag: str = "--json_out") -> None:
     """Fail *before* the expensive work if the result file cannot be written.
 
     Probes by creating (and removing) a temporary file in the target's folder, or a
@@ -63,7 +63,7 @@ def check_writable(path: str | Path | None) -> None:
     root, for whom permission bits say little (``/proc``, read-only mounts)."""
     if path is None:
         return
-    fix = "pass --json_out a path in a writable directory"
+    fix = f"pass {flag} a path in a writable directory"
     try:
         target = Path(path).expanduser().resolve()
         is_dir = target.is_dir()
@@ -72,13 +72,13 @@ def check_writable(path: str | Path | None) -> None:
             ancestor = ancestor.parent
         ancestor_is_dir = ancestor.is_dir()
     except (OSError, RuntimeError) as exc:  # e.g. a folder on the way that we may not enter
-        raise UserError(f"cannot use --json_out {path} ({getattr(exc, 'strerror', None) or exc}); "
+        raise UserError(f"cannot use {flag} {path} ({getattr(exc, 'strerror', None) or exc}); "
                         f"{fix}") from None
     if is_dir:
-        raise UserError(f"--json_out {path} is a directory; pass a file name such as "
+        raise UserError(f"{flag} {path} is a directory; pass a file name such as "
                         f"{Path(path) / 'result.json'}")
     if not ancestor_is_dir:
-        raise UserError(f"cannot write --json_out {path}: {ancestor} is a file, not a "
+        raise UserError(f"cannot write {flag} {path}: {ancestor} is a file, not a "
                         f"directory; {fix}")
     try:
         if ancestor == parent:
@@ -89,7 +89,7 @@ def check_writable(path: str | Path | None) -> None:
             os.rmdir(tempfile.mkdtemp(prefix=".bloomkit-probe.", dir=ancestor))
     except OSError as exc:
         what = "write to" if ancestor == parent else f"create {parent} in"
-        raise UserError(f"cannot {what} {ancestor} for --json_out {path} "
+        raise UserError(f"cannot {what} {ancestor} for {flag} {path} "
                         f"({exc.strerror or exc}); {fix}") from None
 
 

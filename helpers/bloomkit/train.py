@@ -27,6 +27,7 @@ import sysconfig
 import time
 from pathlib import Path
 
+from .errors import UserError, cli_entry
 from .models import _save_tokenizer, build_tokenizer
 
 EXCLUDED_DIRS = {"test", "tests", "idlelib", "site-packages", "__pycache__",
@@ -112,6 +113,7 @@ def perplexity(model, ids, seq_len: int, max_tokens: int | None = None) -> float
 
 # ---------------------------------------------------------------------------- training
 
+@cli_entry
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bloomkit.train", description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True, help="directory to write the checkpoint to")
@@ -131,6 +133,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2,
                     help="torch threads (1 is faster when other jobs share the cores)")
     args = ap.parse_args(argv)
+    for name in ("minutes", "vocab", "hidden", "layers", "heads", "seq_len", "batch", "threads"):
+        if getattr(args, name) <= 0:
+            raise UserError(f"--{name} must be positive, got {getattr(args, name)}")
+    if args.hidden % args.heads:
+        raise UserError(f"--heads {args.heads} does not divide --hidden {args.hidden}")
+    if args.max_files is not None and args.max_files <= 0:
+        raise UserError(f"--max_files must be positive, got {args.max_files}")
+    from .results import check_writable
+
+    check_writable(Path(args.out) / "config.json", "--out")  # before the minutes of training
 
     # idle OpenMP threads spinning make multi-thread runs many times slower on shared cores
     # (as the launcher does); only effective before torch is first imported
