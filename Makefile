@@ -17,7 +17,7 @@ run: setup  ## execute every notebook headless with PROFILE; results under runs/
 	@$(PY) -m bloomkit.notebooks --profile $(PROFILE) --out runs/$(PROFILE)
 
 test: setup  ## the whole CPU test suite (GPU and legacy-stack tests are deselected: see below)
-	@$(PY) -m pytest -m "not gpu and not legacy" tests
+	@$(PY) -m pytest -m "not gpu and not legacy" --durations=25 tests
 
 test-gpu: setup  ## tests marked gpu, on a machine with a CUDA GPU
 	@$(PY) -m pytest -m "gpu and not legacy" tests
@@ -25,8 +25,8 @@ test-gpu: setup  ## tests marked gpu, on a machine with a CUDA GPU
 test-legacy: setup-legacy  ## the legacy stack (.venv-legacy): AutoTP + pre-shards on CPU; kernel injection on a GPU
 	@.venv-legacy/bin/python -m pytest -m legacy tests/test_legacy.py
 
-lab: setup  ## JupyterLab on the notebooks, with the bloomkit kernel
-	@$(VENV)/bin/jupyter lab notebooks
+lab: setup  ## JupyterLab on the notebooks, with the bloomkit kernel (the recipes' thread settings)
+	@OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE} $(VENV)/bin/jupyter lab notebooks
 
 clean:
 	rm -rf runs .pytest_cache

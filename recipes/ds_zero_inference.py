@@ -45,6 +45,9 @@ def main(argv=None):
                         "weights in hooks around every module's forward, which a compiled graph "
                         "cannot capture; drop --compile (or use recipes/accelerate_inference.py or "
                         "recipes/ds_inference.py to compile)")
+    if args.dtype == "nf4":
+        raise UserError("--dtype nf4 is bitsandbytes' 4-bit load, an Accelerate feature; "
+                        "ZeRO-Inference quantizes its own way: --quant_bits 4 (or 8)")
     mode = zero.offload_mode(args.cpu_offload, args.nvme_offload_path)
     s = cli.prepare(args)  # shared flags, model path, --json_out: before anything expensive
     device, dtype, path = s["device"], s["dtype"], s["path"]
@@ -57,13 +60,10 @@ def main(argv=None):
     group = zero.quant_group_size(config, args.quant_group_size) if quant_bits else None
     rank, world = zero.dist_env(device)
 
-    info = {"offload": mode, "quant_bits": quant_bits, "streams": world}
+    info = zero.offload_info(config, mode, dtype=compute, world_size=world, quant_bits=quant_bits)
     plan = None
     if mode == "nvme":
         plan = zero.plan_nvme_buffers(config, compute, world, args.aio_buffer_count)
-        swapped, _ = zero.swapped_partitions(config, compute, world, quant_bits)
-        info.update(swapped_partitions=swapped,
-                    nvme_note=zero.nvme_swap_note(config, compute, world, quant_bits))
         if info["nvme_note"] and rank == 0:
             print(f"note: --nvme_offload_path: {info['nvme_note']}", flush=True)
         zero.check_nvme_path(args.nvme_offload_path, memory.weight_bytes(config, compute))
@@ -84,26 +84,36 @@ def main(argv=None):
 
     extra = {"cache_implementation": "offloaded"} if args.kv_offload else {}
 
+    reads = zero.DiskReads()  # bytes this rank reads from disk per generated token
+
+    @reads.wrap
     def gen_fn(model, tok, rows, n):
         mine = zero.rank_prompts(len(rows), s["base_prompts"], rank, world)
         return zero.stream_generate(model, tok, mine, n, world_size=world, **extra)
 
     options = {"offload": mode, "quant_bits": quant_bits or 0, "kv_offload": args.kv_offload,
-               "zero": info}
-    run_args = args
+               "variant": info["variant"], "zero": info}
+    run_args = copy.copy(args)  # the records are completed (disk reads, streams) and written below
+    run_args.json_out = None
     if world > 1:  # every stream is checked against its own prompts, below
-        run_args = copy.copy(args)
-        run_args.verify, run_args.json_out = False, None
+        run_args.verify = False
     with zero.swap_session(args.nvme_offload_path, rank):
         records = bench.run_recipe(run_args, strategy="ds-zero", load=load, options=options,
                           world_size=world, generate_fn=gen_fn, is_main=rank == 0,
                           token_multiplier=world)
-    if world > 1 and rank == 0:
+    zero.with_disk_reads(records, reads)
+    if rank == 0:
         for r in records:
-            if args.verify and r["status"] == "ok":
+            if world > 1 and args.verify and r["status"] == "ok":
                 r["quality"] = zero.verify_streams(path, r)
                 print(f"ds-zero streams bs={r['batch_size']}: identical={r['quality']['identical']}",
                       flush=True)
+            z = r["options"]["zero"]
+            if mode == "nvme" and "disk_read_bytes_per_token" in z:
+                print(f"ds-zero {z['variant']} bs={r['batch_size']}: {z['swapped_partitions']} "
+                      f"partitions on disk, {z['disk_read_bytes_per_step'] / 2**20:.2f} MiB read "
+                      f"from disk per step ({z['disk_read_bytes_per_token'] / 2**20:.3f} MiB per "
+                      "token)", flush=True)
         if args.json_out:
             results.write_json(args.json_out, records[0] if len(records) == 1 else records)
     harness.cuda_sync()

@@ -76,3 +76,22 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> s
 
 def read_json(path: Path):
     return json.loads(Path(path).read_text())
+
+
+def run_recipe_inprocess(recipe: str, argv: list[str], capsys) -> subprocess.CompletedProcess:
+    """A recipe's ``main(argv)`` in this process (one rank, no launcher), as a completed
+    process: saves the ~5 s start of a fresh interpreter per bad-input case.  Each recipe's
+    tests keep launched cases too, which cover real processes (exit code, no traceback)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(Path(recipe).stem + "_recipe", ROOT / recipe)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    stdout = sys.stdout
+    try:
+        with pytest.raises(SystemExit) as exc:
+            mod.main(argv)
+    finally:
+        sys.stdout = stdout
+    cap = capsys.readouterr()
+    return subprocess.CompletedProcess(argv, exc.value.code, cap.out, cap.err)

@@ -6,7 +6,7 @@ import pytest
 
 from bloomkit.measure import bench
 from bloomkit.strategies import accel
-from conftest import assert_one_line_error, read_json, run_script
+from conftest import assert_one_line_error, read_json, run_recipe_inprocess, run_script
 
 RECIPE = "recipes/accelerate_inference.py"
 INT8_MIN_TOP1 = 0.85      # teacher-forced top-1 agreement of LLM.int8() with fp32 on tiny
@@ -46,6 +46,28 @@ def test_int8_reports_agreement_within_bound(tiny_path):
     linears = [m for m in model.modules() if isinstance(m, Linear8bitLt)]
     assert len(linears) == 4 * model.config.n_layer
     assert all(m.weight.dtype.itemsize == 1 for m in linears)
+
+
+def test_int8_and_nf4_perplexity_on_the_trained_model():
+    """On real weights the quantized loads are measured where it matters: held-out perplexity
+    beside fp32's (the shipped sample), plus agreement.  nf4 is BitsAndBytesConfig 4-bit."""
+    from bitsandbytes.nn import Linear4bit
+
+    from bloomkit import models
+
+    path = models.resolve_model("trained")
+    for dtype in ("int8", "nf4"):
+        load = lambda p, dt, dev: accel.load_model(p, dt, device=dev)  # noqa: E731
+        rec = bench.run_variant(strategy="accelerate", name="trained", path=path, dtype=dtype,
+                                batch_sizes=[2], max_new_tokens=8, load=load, verify=True)[0]
+        q = rec["quality"]
+        assert rec["prompts"][0].startswith("def "), "the trained model's own prompts"
+        assert 1 < q["reference_perplexity"] < 200, q
+        assert abs(q["perplexity"] / q["reference_perplexity"] - 1) < 0.05, (dtype, q)
+        assert q["teacher_forced_top1"] >= 0.8, (dtype, q)
+    model = accel.load_model(path, "nf4")
+    fours = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    assert len(fours) == 4 * model.config.n_layer
 
 
 def test_plan_bloom_176b_on_8_gpus_keeps_gpu0_light():
@@ -103,16 +125,26 @@ BAD = [
     (["--max_memory", "cpu"], ["device=size"]),
     (["--max_memory", "0=1GiB,cpu=1GiB"], ["GPU 0"]),
     (["--prompts_file", "/no/such/prompts.txt"], ["--prompts_file"]),
+    (["--verify", "--eval_file", "/no/such/text.txt"], ["--eval_file"]),
+    (["--dtype", "nf4", "--compile"], ["--compile"]),
 ]
 
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("args,needles", BAD, ids=[" ".join(a) for a, _ in BAD])
-def test_bad_input_is_one_line(tmp_path, args, needles):
+def test_bad_input_is_one_line(tmp_path, args, needles, capsys):
     out = tmp_path / "r.json"
-    proc = run_script([RECIPE, "--max_new_tokens", "2", "--json_out", str(out), *args])
+    proc = run_recipe_inprocess(RECIPE, ["--max_new_tokens", "2", "--json_out", str(out), *args], capsys)
     assert_one_line_error(proc, *needles)
     assert not out.exists() and not list(tmp_path.glob("*.tmp"))
+
+
+@pytest.mark.timeout(60)
+def test_bad_input_in_a_real_process_is_one_line(tmp_path):
+    out = tmp_path / "r.json"
+    proc = run_script([RECIPE, "--max_new_tokens", "2", "--json_out", str(out), "--dtype", "int4"])
+    assert_one_line_error(proc, "unknown dtype")
+    assert not out.exists()
 
 
 @pytest.mark.timeout(60)

@@ -16,7 +16,7 @@ import pytest
 from bloomkit import dist, launch
 from bloomkit.measure import bench, harness, quality
 from bloomkit.strategies import autotp, bloom, tp
-from conftest import NOTEBOOKS, ROOT, assert_one_line_error, run_script
+from conftest import ROOT, assert_one_line_error, run_recipe_inprocess, run_script
 
 RECIPE = "recipes/ds_inference.py"
 N_NEW = 12
@@ -151,12 +151,13 @@ def test_int8_under_tp_really_stores_int8_shards(tp2_record):
     (["--tp_size", "2"], ["only 1 rank", "--num_accelerators 2"]),
     (["--device", "cuda"], ["no cuda gpu", "--device cpu"]),
     (["--dtype", "fp16"], ["fp16", "--dtype bf16"]),
+    (["--dtype", "nf4"], ["nf4", "Accelerate", "--dtype int8"]),
     (["--kernel_inject", "on"], ["transformers<=4.43.4", "make setup-legacy", "--kernel_inject off"]),
     (["--kernel_inject", "on", "--dtype", "int8"], ["deepspeed<0.15.2", "--kernel_inject off",
                                                     "--ds_checkpoint", "--save_shards"]),
 ])
 def test_bad_input_is_one_line(args, needles, capsys):
-    proc = run_recipe_inprocess(["--max_new_tokens", "2", *args], capsys)
+    proc = run_recipe_inprocess(RECIPE, ["--max_new_tokens", "2", *args], capsys)
     assert_one_line_error(proc, *needles)
 
 
@@ -165,26 +166,8 @@ def test_int8_without_a_backend_is_one_line(capsys, monkeypatch):
     import torch
 
     monkeypatch.delattr(torch, "_weight_int8pack_mm")
-    proc = run_recipe_inprocess(["--max_new_tokens", "2", "--dtype", "int8"], capsys)
+    proc = run_recipe_inprocess(RECIPE, ["--max_new_tokens", "2", "--dtype", "int8"], capsys)
     assert_one_line_error(proc, "torch._weight_int8pack_mm", "torch>=2.3", "--dtype bf16")
-
-
-def run_recipe_inprocess(argv, capsys) -> subprocess.CompletedProcess:
-    """The recipe's ``main`` in this process (one rank, no launcher): saves the ~3 s start of
-    a fresh interpreter per bad-input case; the launched cases below cover real processes."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("ds_inference_recipe", ROOT / RECIPE)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    stdout = sys.stdout
-    try:
-        with pytest.raises(SystemExit) as exc:
-            mod.main(argv)
-    finally:
-        sys.stdout = stdout
-    cap = capsys.readouterr()
-    return subprocess.CompletedProcess(argv, exc.value.code, cap.out, cap.err)
 
 
 def test_kernel_inject_choice():
@@ -277,26 +260,6 @@ def test_two_nodes_on_loopback(tmp_path, reference, launcher):
     rec = json.loads(out.read_text())
     assert rec["world_size"] == 2
     _assert_identical(reference, rec)
-
-
-# ---------------------------------------------------------------------------- notebook
-
-@pytest.mark.timeout(240)
-def test_notebook_02_runs_and_records(tmp_path):
-    from bloomkit import notebooks, results
-
-    res = tmp_path / "nb.jsonl"
-    t0 = time.perf_counter()
-    notebooks.execute(NOTEBOOKS / "02_ds_inference_tp.ipynb", tmp_path / "02.ipynb",
-                      {"RESULTS_PATH": str(res), "MAX_NEW_TOKENS": 8, "CYCLES": 1,
-                       "RUN_INT8": False})  # int8 under TP: test_int8_... (make run runs it)
-    recs = results.read_records(res)
-    assert {r["world_size"] for r in recs} >= {1, 2}
-    assert all(r["strategy"] == "ds-inference" for r in recs)
-    assert any(r["options"].get("load_from") == "shards" for r in recs)
-    assert time.perf_counter() - t0 < 150
-    shapes = [r for r in recs if r["world_size"] == 2][0]["options"]["rank0_shapes"]
-    assert shapes["layers.0.layer_types"]["self_attention.dense"] == "LinearAllreduce"
 
 
 # ---------------------------------------------------------------------------- GPU

@@ -24,6 +24,26 @@ def test_ops_build_into_this_environment():
     assert ext == os.path.join(prefix, "torch_extensions")
 
 
+@pytest.mark.timeout(300)
+def test_loading_an_op_again_does_not_rebuild_it_whatever_the_path():
+    """The env's ninja and the system's rewrote each other's build log ("command line
+    changed"), so the shm all-reduce op was recompiled at most DeepSpeed starts: bloomkit puts
+    the env's bin first on PATH.  Two loads, started with and without the env on PATH: the
+    built library is not touched."""
+    code = ("import bloomkit, os, sys; from bloomkit import dsops; os.environ['DS_ACCELERATOR'] = 'cpu'; "
+            "print(os.environ['PATH'].split(os.pathsep)[0]); dsops.prebuild(['ShareMemCommBuilder'], log=lambda m: None); "
+            "print(os.path.getmtime(next(dsops.build_root().glob('deepspeed_shm_comm/*.so'))))")
+    seen = []
+    for path in (f"{os.path.dirname(sys.executable)}{os.pathsep}/usr/bin:/bin", "/usr/bin:/bin"):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=280,
+                             env={**os.environ, "PATH": path})
+        assert out.returncode == 0, out.stderr[-2000:]
+        first, mtime = out.stdout.split()[-2:]
+        assert first == os.path.dirname(sys.executable)
+        seen.append(float(mtime))
+    assert seen[0] == seen[1], "the second load rebuilt the op"
+
+
 def test_an_explicit_extensions_dir_wins(tmp_path):
     out = subprocess.run([sys.executable, "-c", "import bloomkit, os; print(os.environ['TORCH_EXTENSIONS_DIR'])"],
                          capture_output=True, text=True, check=True,
@@ -41,6 +61,22 @@ def test_stale_build_locks_are_removed_fresh_ones_kept(tmp_path):
     assert dsops.clear_stale_locks(root=tmp_path) == [old]
     assert not old.exists() and new.exists()
     assert dsops.clear_stale_locks(0, root=tmp_path) == [new]
+
+
+def test_a_load_lock_with_no_build_behind_it_is_removed_after_two_minutes(tmp_path):
+    """torch locks at every op load; a rank killed then leaves a lock in a folder whose build
+    finished long ago (nothing written since): removed after IDLE_LOCK_S, not 15 minutes.
+    A lock beside freshly written objects (a build in progress) stays."""
+    idle, busy = tmp_path / "shm" / "lock", tmp_path / "aio" / "lock"
+    for lock in (idle, busy):
+        lock.parent.mkdir()
+        (lock.parent / "op.so").touch()
+        lock.touch()
+    t = time.time() - dsops.IDLE_LOCK_S - 30
+    for f in (idle, idle.parent / "op.so", busy):
+        os.utime(f, (t, t))
+    assert dsops.clear_stale_locks(root=tmp_path) == [idle]
+    assert busy.exists()
 
 
 @pytest.mark.timeout(200)

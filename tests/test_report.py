@@ -108,6 +108,8 @@ def test_comparison_notebook_and_report_end_to_end(tmp_path):
     outputs = [o for c in json.loads((tmp_path / "04_comparison.ipynb").read_text())["cells"]
                for o in c.get("outputs", [])]
     assert not any("NOT AVAILABLE" in "".join(o.get("text", "")) for o in outputs)
+    text = "".join("".join(o.get("text", "")) for o in outputs)
+    assert "batch 1: launched" in text and "ms/token, in this kernel" in text  # one harness, one number
     assert sum("image/png" in o.get("data", {}) for o in outputs) >= 2   # ms/token and roofline plots
     # where the gap goes: the decode breakdown table (kernels alone vs the whole step) was shown
     assert any("kernel_memory_eff" in "".join(o.get("data", {}).get("text/html", ""))

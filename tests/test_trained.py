@@ -7,7 +7,6 @@ training script itself is tested with a few-second run on a slice of the corpus.
 from __future__ import annotations
 
 import json
-import math
 import subprocess
 import sys
 
@@ -57,27 +56,34 @@ def test_metadata_names_corpus_licence_and_python(trained):
 
 
 def test_heldout_perplexity_is_low_and_matches_the_record(trained):
-    import torch
+    """The perplexity every --verify reports (quality.perplexity on the shipped held-out
+    sample) is the one the training script recorded, and far below the vocabulary size."""
+    from bloomkit.measure import quality
+    from bloomkit.prompts import eval_texts
 
     path, model, tok, meta = trained
-    sample = json.loads((path / "heldout_sample.json").read_text())
-    ids = []
-    for text in sample["texts"]:  # each held-out file, then </s>, as in training
-        ids += tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-    window = meta["heldout_sample_eval"]["window"]
-    t = torch.tensor(ids[:SAMPLE_TOKENS])
-    n = (len(t) - 1) // window
-    x, y = t[: n * window].view(n, window), t[1: n * window + 1].view(n, window)
-    with torch.no_grad():
-        logits = model(input_ids=x).logits.float()
-    ppl = math.exp(torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), y.reshape(-1)).item())
+    texts = eval_texts(path)
+    assert texts and len(texts) == len(json.loads((path / "heldout_sample.json").read_text())["files"])
+    ppl = quality.perplexity(model, tok, texts, max_tokens=SAMPLE_TOKENS,
+                             window=meta["heldout_sample_eval"]["window"])
     vocab = model.config.vocab_size
     assert ppl < vocab / 20, (ppl, vocab)
-    assert ppl == pytest.approx(meta["heldout_sample_perplexity"], rel=0.10)
+    assert ppl == pytest.approx(meta["heldout_sample_perplexity"], rel=0.02)
     # the recorded perplexity on the larger held-out slice is of the same order
     assert meta["heldout_perplexity"] < vocab / 20
     assert ppl == pytest.approx(meta["heldout_perplexity"], rel=0.5)
+
+
+def test_default_prompts_are_code_and_a_bad_prompts_file_is_one_line(trained, tmp_path):
+    from bloomkit.prompts import model_prompts
+
+    path = trained[0]
+    got = model_prompts(path)
+    assert len(got) == 8 and got[0].startswith("def ") and model_prompts(tmp_path) is None
+    (tmp_path / "prompts.json").write_text('{"prompts": []}')
+    with pytest.raises(UserError, match="prompts.json is not a prompts file") as exc:
+        model_prompts(tmp_path)
+    assert "\n" not in str(exc.value)
 
 
 def test_greedy_completions_are_not_one_repeated_token(trained):

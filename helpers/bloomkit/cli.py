@@ -60,7 +60,8 @@ def common_parser(description: str) -> Parser:
                         "BLOOM trained on Python's stdlib), a local HF directory, or a hub id "
                         "already in the local cache (e.g. bigscience/bloom)")
     g.add_argument("--dtype", type=dtype_arg, default=None,
-                   help="fp32, bf16, fp16 (CUDA only) or int8; default fp32 on CPU, bf16 on CUDA")
+                   help="fp32, bf16, fp16 (CUDA only), int8, or nf4 (4-bit, Accelerate only); "
+                        "default fp32 on CPU, bf16 on CUDA")
     g.add_argument("--batch_size", type=batch_sizes, default=[1],
                    help="rows per generate call; a list like 1,8,32 runs a sweep")
     g.add_argument("--max_new_tokens", type=positive_int, default=100,
@@ -74,6 +75,9 @@ def common_parser(description: str) -> Parser:
     g.add_argument("--verify", action="store_true",
                    help="also run plain fp32 generate and report token agreement / logit error "
                         "(loads the whole model once more: small models only)")
+    g.add_argument("--eval_file", default=None,
+                   help="with --verify: a UTF-8 text file to measure held-out perplexity on "
+                        "(default: the sample a trained checkpoint ships, e.g. --name trained)")
     g.add_argument("--memory_budget", default=None,
                    help="CPU stand-in for device memory in a sweep, e.g. 4GiB: batch sizes whose "
                         "estimated need exceeds it are recorded as oom")
@@ -108,10 +112,13 @@ def prepare(args) -> dict:
         if not torch.cuda.is_available():
             raise UserError("--device cuda but no CUDA GPU is visible; use --device cpu")
     dtype = resolve_dtype(args.dtype, device)
-    base = prompts.read_prompts_file(args.prompts_file) if args.prompts_file else None
     results.check_writable(args.json_out)
     budget = budget_bytes(args.memory_budget)
     path = models.resolve_model(args.name)
+    base = (prompts.read_prompts_file(args.prompts_file) if args.prompts_file
+            else prompts.model_prompts(path))
+    if args.eval_file:
+        prompts.eval_texts(path, args.eval_file)  # a bad file is refused now, not after the run
     # the model's files (config, shard headers, tokenizer) and whether the request can fit:
     # here, so every recipe and every rank refuses a broken model before loading anything
     from . import checkpoint
@@ -146,5 +153,9 @@ def summary_line(r: dict) -> str:
     if q:
         parts.append(f"identical={q['identical']} token_match={q['token_match']:.3f} "
                      f"top1={q['teacher_forced_top1']:.3f}")
+        if q.get("perplexity") is not None:
+            ref = q.get("reference_perplexity")
+            parts.append(f"held-out perplexity {q['perplexity']:.2f}"
+                         + (f" (fp32 {ref:.2f})" if ref is not None else ""))
     parts.append(f"first row: {r['texts'][0][:60]!r}")
     return " | ".join(parts)

@@ -44,6 +44,10 @@ def setup_distributed(device: str, timeout_s: int = 300) -> None:
             # DeepSpeed's launcher sets LOCAL_SIZE, torchrun only LOCAL_WORLD_SIZE; DeepSpeed's
             # shared-memory all-reduce reads LOCAL_SIZE to know whether all ranks share a host
             os.environ["LOCAL_SIZE"] = os.environ["LOCAL_WORLD_SIZE"]
+        if device == "cpu":  # init_distributed loads the shm op: never wait on a dead rank's lock
+            from . import dsops
+
+            dsops.clear_stale_locks()
         deepspeed.init_distributed(dist_backend="gloo" if device == "cpu" else "nccl",
                                    timeout=timedelta(seconds=timeout_s))
         if device == "cpu":

@@ -22,6 +22,12 @@ Three things bite on a small shared machine, and this module handles each once:
    of them after a day of tests).  :func:`release_shm_buffers` unlinks each rank's segment as
    soon as every rank has mapped it — the memory then goes away by itself when the ranks
    exit, even on a crash — and :func:`remove_shm_buffers` sweeps a finished launch's port.
+4. **Two ``ninja`` builds rebuild each other's ops.**  The env's own ``ninja`` (a pip package)
+   and the system's (``/usr/bin/ninja``) write different command lines into the same build
+   log, so whichever runs next sees "command line changed" and recompiles the op: a minute or
+   two at every DeepSpeed start on 2 busy cores, depending only on whether the env's ``bin``
+   happened to be on ``PATH``.  :func:`use_env_local_build_dir` also puts the env's ``bin``
+   first on ``PATH`` (inherited by every rank a launcher starts), so one ninja builds.
 """
 from __future__ import annotations
 
@@ -41,6 +47,7 @@ def use_env_local_build_dir() -> str | None:
     """Default ``TORCH_EXTENSIONS_DIR`` to ``<sys.prefix>/torch_extensions`` when this Python
     is a virtual/conda env we can write to (an explicit setting always wins).  Returns the
     directory in force, or ``None`` for torch's own default."""
+    use_env_bin_first()
     if "TORCH_EXTENSIONS_DIR" in os.environ:
         return os.environ["TORCH_EXTENSIONS_DIR"]
     prefix = Path(sys.prefix)
@@ -52,6 +59,20 @@ def use_env_local_build_dir() -> str | None:
     return os.environ["TORCH_EXTENSIONS_DIR"]
 
 
+def use_env_bin_first() -> bool:
+    """Put this Python's ``bin`` folder first on ``PATH`` when it holds a ``ninja`` (see 4.
+    above): the same build tool for every op load in this process and the ranks it starts.
+    Returns whether ``PATH`` changed."""
+    env_bin = Path(sys.executable).parent
+    if not (env_bin / "ninja").exists():
+        return False
+    parts = os.environ.get("PATH", "").split(os.pathsep)
+    if parts and parts[0] == str(env_bin):
+        return False
+    os.environ["PATH"] = os.pathsep.join([str(env_bin)] + [p for p in parts if p != str(env_bin)])
+    return True
+
+
 def build_root() -> Path:
     """The folder that holds one sub-folder per built op."""
     from torch.utils.cpp_extension import _get_build_directory
@@ -59,15 +80,25 @@ def build_root() -> Path:
     return Path(_get_build_directory("async_io", False)).parent
 
 
-def clear_stale_locks(max_age_s: float = STALE_LOCK_S, root: Path | None = None) -> list[Path]:
-    """Remove build ``lock`` files older than ``max_age_s`` (left by a killed build); returns
-    what was removed.  A younger lock belongs to a build in progress and is left alone."""
+IDLE_LOCK_S = 120  # a lock with no build output written for this long has no build behind it
+
+
+def clear_stale_locks(max_age_s: float = STALE_LOCK_S, root: Path | None = None,
+                      idle_s: float = IDLE_LOCK_S) -> list[Path]:
+    """Remove build ``lock`` files left by a killed process; returns what was removed.
+
+    torch takes the lock at *every* load of an op, built or not (it runs ninja, which finds
+    nothing to do), so a rank killed in that instant leaves one behind even with no build.
+    A lock is stale when older than ``max_age_s``, or older than ``idle_s`` while nothing
+    else in its folder was written for ``idle_s`` (a real build keeps writing objects)."""
     root = Path(root) if root else build_root()
     removed = []
     now = time.time()
     for lock in root.glob("*/lock"):
         try:
-            if now - lock.stat().st_mtime > max_age_s:
+            age = now - lock.stat().st_mtime
+            newest = max((f.stat().st_mtime for f in lock.parent.iterdir() if f != lock), default=0)
+            if age > max_age_s or (age > idle_s and now - newest > idle_s):
                 lock.unlink()
                 removed.append(lock)
         except FileNotFoundError:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from .errors import UserError
 
-DTYPES = ("fp32", "bf16", "fp16", "int8")
+DTYPES = ("fp32", "bf16", "fp16", "int8", "nf4")  # int8/nf4: bitsandbytes weights
 _ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 
@@ -36,7 +36,7 @@ def torch_dtype(name: str):
 
     name = _ALIASES.get(name, name)
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
-            "int8": torch.float32}[name]
+            "int8": torch.float32, "nf4": torch.float32}[name]
 
 
 def from_pretrained_dtype(dtype) -> dict:

@@ -49,13 +49,19 @@ def launcher_command(script: str | Path, args: list[str], nprocs: int, launcher:
     raise UserError(f"unknown launcher {launcher!r}; use deepspeed, torchrun or python")
 
 
+def thread_env(nprocs: int = 1) -> dict:
+    """OpenMP settings of every CPU process this project starts (recipe ranks and notebook
+    kernels alike, so a variant measured in a notebook and the same variant launched as a
+    recipe run with the same threads): the cores split between ``nprocs`` processes, and
+    PASSIVE waiting: idle OpenMP threads sleep instead of spinning; on a shared or
+    oversubscribed CPU spinning threads made a 2-thread run up to 15x slower (measured here)."""
+    threads = max(1, (os.cpu_count() or 1) // nprocs)
+    return {"OMP_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": "PASSIVE"}
+
+
 def cpu_env(nprocs: int) -> dict:
     """Environment for CPU ranks: DeepSpeed's CPU accelerator, threads split between ranks."""
-    threads = max(1, (os.cpu_count() or 1) // nprocs)
-    # PASSIVE: idle OpenMP threads sleep instead of spinning; on a shared or oversubscribed CPU
-    # spinning threads made a 2-thread run up to 15x slower (measured here).
-    return {"DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": str(threads),
-            "OMP_WAIT_POLICY": "PASSIVE"}
+    return {"DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": "", **thread_env(nprocs)}
 
 
 def launch(script: str | Path, args: list[str], nprocs: int = 1, *, launcher: str = "deepspeed",

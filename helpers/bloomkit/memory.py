@@ -16,7 +16,7 @@ from __future__ import annotations
 from . import arch
 
 DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2,
-               "int8": 1, "int4": 0.5}
+               "int8": 1, "int4": 0.5, "nf4": 0.5}
 
 
 def dtype_bytes(dtype: str) -> float:
@@ -25,7 +25,7 @@ def dtype_bytes(dtype: str) -> float:
 
 def _activation_dtype(dtype: str) -> str:
     """Quantized weights still compute, and cache keys/values, in 16 bits."""
-    return "bf16" if str(dtype) in ("int8", "int4") else dtype
+    return "bf16" if str(dtype) in ("int8", "int4", "nf4") else dtype
 
 
 def params_by_module(config) -> dict:

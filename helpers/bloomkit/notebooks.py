@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -134,9 +135,18 @@ def execute(path: str | Path, out: str | Path, parameters: dict | None = None,
     check_parameters(path, params)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    pm.execute_notebook(str(path), str(out), parameters=params, kernel_name=kernel_name(),
-                        cwd=str(Path(path).parent), progress_bar=False,
-                        prepare_only=prepare_only, execution_timeout=timeout)
+    # the kernel inherits this environment: the recipes' thread settings, unless already set
+    from .launch import thread_env
+
+    added = {k: v for k, v in thread_env(1).items() if k not in os.environ}
+    os.environ.update(added)
+    try:
+        pm.execute_notebook(str(path), str(out), parameters=params, kernel_name=kernel_name(),
+                            cwd=str(Path(path).parent), progress_bar=False,
+                            prepare_only=prepare_only, execution_timeout=timeout)
+    finally:
+        for k in added:
+            os.environ.pop(k, None)
     return out
 
 

@@ -177,3 +177,45 @@ def plot_ms_per_token(records, ax=None, label_key="strategy"):
     ax.legend()
     ax.grid(True, which="both", alpha=0.3)
     return ax
+
+
+def _label(r: dict, label_key: str) -> str:
+    return str(r.get(label_key) if label_key in r else r["options"].get(label_key, r["strategy"]))
+
+
+def quality_table(records, label_key: str = "variant"):
+    """What each variant's output costs in quality, one row per variant (its first verified
+    record): held-out perplexity beside the fp32 reference's and the change in percent (on
+    real text; only a trained model gives meaningful values), token agreement with plain fp32
+    ``generate``, teacher-forced top-1 agreement and the relative RMS logit error."""
+    import pandas as pd
+
+    rows, seen = [], set()
+    for r in records:
+        q, label = r.get("quality"), _label(r, label_key)
+        if not q or label in seen or "teacher_forced_top1" not in q:
+            continue
+        seen.add(label)
+        ppl, ref = q.get("perplexity"), q.get("reference_perplexity")
+        rows.append({label_key: label, "dtype": r["dtype"], "perplexity": ppl, "fp32 perplexity": ref,
+                     "perplexity change %": (ppl / ref - 1) * 100 if ppl and ref else None,
+                     "token match": q["token_match"], "teacher-forced top-1": q["teacher_forced_top1"],
+                     "logit rel. RMS error": q["logit_rel_rms_err"]})
+    return pd.DataFrame(rows).set_index(label_key) if rows else pd.DataFrame()
+
+
+def completions(records, label_key: str = "variant", rows: int = 1, width: int = 80):
+    """Prompt -> completion, ``rows`` per variant (from its first record), one line each
+    (newlines shown as ⏎, cut at ``width`` characters): what a reader would see."""
+    import pandas as pd
+
+    out, seen = [], set()
+    for r in records:
+        label = _label(r, label_key)
+        if r["status"] != "ok" or not r.get("texts") or label in seen:
+            continue
+        seen.add(label)
+        for prompt, text in list(zip(r["prompts"], r["texts"]))[:rows]:
+            out.append({label_key: label, "prompt": prompt.replace("\n", "⏎"),
+                        "completion": text.replace("\n", "⏎")[:width]})
+    return pd.DataFrame(out)

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from .errors import UserError, cli_entry
 from .models import _save_tokenizer, build_tokenizer
+from .measure.quality import perplexity_of_ids
 
 EXCLUDED_DIRS = {"test", "tests", "idlelib", "site-packages", "__pycache__",
                  "encodings"}  # encodings/: generated codec tables, not prose-like code
@@ -89,27 +90,6 @@ def encode(tok, texts: list[str], eos_id: int = 2) -> list[int]:
 
 
 # ---------------------------------------------------------------------------- evaluation
-
-def perplexity(model, ids, seq_len: int, max_tokens: int | None = None) -> float:
-    """exp(mean next-token loss) over consecutive non-overlapping windows of ``seq_len``."""
-    import torch
-
-    t = torch.tensor(ids[:max_tokens] if max_tokens else ids, dtype=torch.long)
-    n = (len(t) - 1) // seq_len
-    if n == 0:
-        raise ValueError(f"need more than {seq_len} tokens to measure perplexity, got {len(t)}")
-    x = t[: n * seq_len].view(n, seq_len)
-    y = t[1: n * seq_len + 1].view(n, seq_len)
-    total, count = 0.0, 0
-    model.eval()
-    with torch.no_grad():
-        for i in range(0, n, 16):
-            logits = model(input_ids=x[i:i + 16]).logits.float()
-            total += torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), y[i:i + 16].reshape(-1), reduction="sum").item()
-            count += y[i:i + 16].numel()
-    return math.exp(total / count)
-
 
 # ---------------------------------------------------------------------------- training
 
@@ -213,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
 
     model.eval()
     eval_len = min(256, max(8, len(held_ids) // 2))
-    ppl = perplexity(model, held_ids, eval_len, EVAL_TOKENS)
+    ppl = perplexity_of_ids(model, held_ids, eval_len, EVAL_TOKENS)
     print(f"trained {step} steps in {train_seconds / 60:.1f} min; final train loss {ema:.3f}; "
           f"held-out perplexity {ppl:.2f} (first {min(EVAL_TOKENS, len(held_ids))} held-out "
           f"tokens, windows of {eval_len})", flush=True)
@@ -226,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         if n_tok > SAMPLE_TOKENS:
             break
     sample_ids = encode(tok, [t for _, t in sample_files])
-    sample_ppl = perplexity(model, sample_ids, eval_len, SAMPLE_TOKENS)
+    sample_ppl = perplexity_of_ids(model, sample_ids, eval_len, SAMPLE_TOKENS)
 
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)  # fp32 (what it was trained in)

@@ -6,16 +6,24 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from . import harness, quality
 
 from .. import memory, models, results
+from ..prompts import model_prompts
 
 
-def reference(path, prompts: list[str], max_new_tokens: int):
-    """Plain fp32 ``generate`` on CPU, with per-step scores and teacher-forced logits: the
-    truth every strategy is compared with (loads the whole model: small models only)."""
+class Reference(NamedTuple):
+    generation: harness.Generation   # plain greedy fp32 ``generate``, with per-step scores
+    logits: object                   # teacher-forced logits of those tokens
+    perplexity: float | None         # on ``texts``, when given
+
+
+def reference(path, prompts: list[str], max_new_tokens: int, texts: list[str] | None = None) -> Reference:
+    """Plain fp32 ``generate`` on CPU, with per-step scores and teacher-forced logits (and
+    the held-out perplexity on ``texts``): the truth every strategy is compared with (loads
+    the whole model: small models only)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -25,17 +33,18 @@ def reference(path, prompts: list[str], max_new_tokens: int):
     tok = models.load_tokenizer(path)
     gen = harness.generate(model, tok, prompts, max_new_tokens, device="cpu", return_scores=True)
     logits = quality.sequence_logits(model, tok, gen.prompts, gen.tokens, device="cpu")
+    ppl = quality.perplexity(model, tok, texts, device="cpu") if texts else None
     del model
-    return gen, logits
+    return Reference(gen, logits, ppl)
 
 
-def run_variant(*, strategy: str, name: str, load: Callable, path: str | Path | None = None,
+def run_variant(*, strategy: str, name: str, load: Callable | None = None, path: str | Path | None = None,
                 dtype: str = "fp32", device: str = "cpu", batch_sizes=(1,), max_new_tokens: int = 100,
                 options: dict | None = None, prompts: list[str] | None = None,
                 cycles: int | None = None, verify: bool = False, budget: int | None = None,
                 world_size: int = 1, generate_fn: Callable | None = None,
                 token_multiplier: int = 1, model=None, load_seconds: float | None = None,
-                compile: bool = False) -> list[dict]:
+                compile: bool = False, eval_file: str | None = None) -> list[dict]:
     """Result records of one strategy variant, one per batch size.
 
     ``load(path, dtype, device)`` builds the model ("start to ready" is timed around it);
@@ -49,9 +58,14 @@ def run_variant(*, strategy: str, name: str, load: Callable, path: str | Path | 
     ``compile``: a static KV cache and the decode step compiled (:func:`harness.compile_kwargs`);
     the warm-up call pays the compilation, recorded as ``warmup_seconds``, and ``recompiles``
     counts graphs built during the timed cycles (0 when shapes are stable).
+    ``verify`` also measures held-out perplexity beside the reference's when there is text for
+    it (``eval_file``, or the sample a trained checkpoint ships: :func:`quality.eval_texts`).
+    Prompts default to the model's own (``prompts.txt`` in its directory), else the blog's 8.
     """
     path = Path(path) if path is not None else models.resolve_model(name)
     config = models.load_config(path)
+    prompts = prompts or model_prompts(path)
+    texts = quality.eval_texts(path, eval_file) if verify else None
     options = dict(options or {})
     if model is None:
         with harness.LoadTimer() as lt:
@@ -66,7 +80,7 @@ def run_variant(*, strategy: str, name: str, load: Callable, path: str | Path | 
         extra = harness.compile_kwargs(device)
         options["compile"] = True
     gen_fn = generate_fn or (lambda m, t, p, n: harness.generate(m, t, p, n, **extra))
-    records = []
+    records, ppl, ref_ppl = [], None, None
     for bs in batch_sizes:
         rows = harness.make_prompts(bs, prompts)
         common = dict(strategy=strategy, model=name, dtype=dtype, batch_size=bs,
@@ -93,8 +107,12 @@ def run_variant(*, strategy: str, name: str, load: Callable, path: str | Path | 
             continue
         qual = None
         if verify:
-            ref, ref_logits = reference(path, rows, max_new_tokens)
-            qual = quality.quality_report(ref, ref_logits, gen, model, tok)
+            # perplexity does not depend on the batch: measured once per variant (and reference)
+            ref = reference(path, rows, max_new_tokens, texts if ref_ppl is None else None)
+            ref_ppl = ref.perplexity if ref_ppl is None else ref_ppl
+            qual = quality.quality_report(ref.generation, ref.logits, gen, model, tok, texts=texts,
+                                          reference_perplexity=ref_ppl, perplexity_value=ppl)
+            ppl = qual.get("perplexity")
         records.append(results.make_record(**common, timing=timing, generation=gen, quality=qual))
     return records
 
@@ -113,7 +131,8 @@ def run_recipe(args, *, strategy: str, load: Callable, options: dict, world_size
         batch_sizes=args.batch_size, max_new_tokens=args.max_new_tokens, load=load,
         options=options, prompts=s["base_prompts"], cycles=args.cycles if args.benchmark else None,
         verify=args.verify and is_main, budget=s["budget"], world_size=world_size,
-        generate_fn=generate_fn, token_multiplier=token_multiplier, compile=args.compile)
+        generate_fn=generate_fn, token_multiplier=token_multiplier, compile=args.compile,
+        eval_file=args.eval_file)
     if is_main:
         if args.json_out:
             results.write_json(args.json_out, records[0] if len(records) == 1 else records)

@@ -253,6 +253,58 @@ def plan(model, dtype: str = "bf16", n_gpus: int = 8, gpu_memory="80GB", cpu_ram
     return rows
 
 
+def peak_bytes(model, dtype: str, batch_size: int, prompt_tokens: int, max_new_tokens: int, *,
+               baseline=0, devices: int = 1, kv_share: float | None = None) -> dict:
+    """The predicted peak memory of one ``generate`` call on one device, term by term.
+
+    * ``baseline`` — what the process holds before the model (Python, torch, the CUDA context:
+      measure it, e.g. RSS after the imports);
+    * ``weights`` — ``weight_bytes / devices``;
+    * ``kv_cache`` — ``kv_bytes_per_token x batch x (prompt + new tokens)`` (times
+      ``kv_share``, the device's share: ``1/devices`` by default), plus one layer's worth
+      again: a growing cache concatenates each layer's keys and values into a new tensor,
+      so old and new coexist for a moment;
+    * ``transient`` — the largest short-lived tensor of the prompt pass
+      (:func:`bloomkit.memory.generate_extra_bytes`: the MLP's inner activation, or the
+      fp32 attention scores ``batch x heads x prompt x prompt`` of eager attention) and the
+      fp32 logits ``batch x vocab`` (twice: scores and their processed copy).
+
+    The sum is what a sampler of the process's memory should see at its highest; on this
+    machine the prediction for ``bench`` at two batch sizes is compared with the measured
+    peak RSS (``tests/test_planner.py``)."""
+    dims = model_dims(model)
+    seq = int(prompt_tokens) + int(max_new_tokens)
+    share = (1.0 / devices) if kv_share is None else kv_share
+    kv_tok = memory.kv_cache_bytes_per_token(dims, dtype)
+    kv = kv_tok * batch_size * seq * share
+    layers = arch.layers_of(dims)
+    extra = memory.generate_extra_bytes(dims, batch_size, int(prompt_tokens), dtype) \
+        - kv_tok * batch_size * int(prompt_tokens)
+    terms = {"baseline": float(size_bytes(baseline)), "weights": memory.weight_bytes(dims, dtype) / devices,
+             "kv_cache": kv + kv / layers, "transient": float(extra)}
+    terms["total"] = sum(terms.values())
+    return terms
+
+
+def blog_oom_gap(dtype: str = "bf16", gpu_memory="80GB", reserve="2GiB") -> list[dict]:
+    """The blog's out-of-memory batch sizes on 8x80GB (Accelerate 64, DeepSpeed-Inference
+    256; published) against this plan: per GPU, what the countable tensors need at the last
+    batch that ran and at the one that failed, and how much memory the plan cannot see there
+    (``unexplained_bytes``: 0 when the plan itself predicts the failure)."""
+    out = []
+    # balanced_low_0 (the blog's Accelerate script): blocks on GPUs 1-7, GPU 0 kept light
+    for strategy, ran, failed, devices, share in (("accelerate", 32, 64, 7, 1 / 7),
+                                                  ("ds-inference", 128, 256, 8, 1 / 8)):
+        need = {b: peak_bytes("BLOOM-176B", dtype, b, 16, 100, baseline=reserve, devices=devices,
+                              kv_share=share)["total"] for b in (ran, failed)}
+        cap = size_bytes(gpu_memory)
+        out.append({"strategy": strategy, "ran at": ran, "oom at (published)": failed,
+                    "plan needs at last run GB": need[ran] / 1e9,
+                    "plan needs at oom GB": need[failed] / 1e9, "GPU GB": cap / 1e9,
+                    "unexplained_bytes": max(cap - need[failed], 0.0)})
+    return out
+
+
 def fits(model, strategy: str, dtype: str = "bf16", n_gpus: int = 8, gpu_memory="80GB",
          gpu_only: bool = False, **kw) -> bool:
     """Does ``strategy`` fit (``gpu_only``: with all weights on GPUs, no offload)?"""
@@ -388,3 +440,33 @@ def widget(model="BLOOM-176B", dtype="bf16", n_gpus=8, gpu_memory="80GB", cpu_ra
 
     out = w.interactive_output(safe_show, controls)
     return w.VBox([w.HBox(list(controls.values())[:3]), w.HBox(list(controls.values())[3:]), out])
+
+
+def measure_peak(path, dtype: str = "fp32", batch_sizes=(1, 32), max_new_tokens: int = 32) -> list[dict]:
+    """Check :func:`peak_bytes` on this machine: load ``path`` on the CPU in this process,
+    run one greedy ``generate`` per batch size (smallest first, so each peak is the
+    largest yet) while sampling the process's RSS, and return predicted and measured peaks.
+    Run it in a fresh process: memory freed by earlier work would be reused, unseen."""
+    import psutil
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .. import models
+    from ..dtypes import from_pretrained_dtype, torch_dtype
+    from . import harness
+
+    tok = models.load_tokenizer(path)
+    baseline = psutil.Process().memory_info().rss
+    model = AutoModelForCausalLM.from_pretrained(str(path), **from_pretrained_dtype(torch_dtype(dtype))).eval()
+    out = []
+    for bs in sorted(batch_sizes):
+        rows = harness.make_prompts(bs)
+        prompt = max(len(ids) for ids in tok(rows)["input_ids"])
+        with harness.PeakRSS(interval=0.005) as rss, torch.inference_mode():
+            harness.generate(model, tok, rows, max_new_tokens)
+        pred = peak_bytes(models.load_config(path), dtype, bs, prompt, max_new_tokens, baseline=baseline)
+        out.append({"batch_size": bs, "prompt_tokens": prompt, "new_tokens": max_new_tokens,
+                    "predicted_bytes": pred["total"], "measured_peak_rss_bytes": rss.peak,
+                    "ratio": rss.peak / pred["total"], **{f"predicted_{k}_bytes": v for k, v in pred.items()
+                                                         if k != "total"}})
+    return out

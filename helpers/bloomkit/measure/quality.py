@@ -8,11 +8,20 @@ reference's top-1/top-2 logit margin at the first differing step, so a test can 
 real mismatch (large margin) from a tie (margin below ``tie_tol``).
 
 Quantized strategies are not expected to be identical; they report ``token_match``,
-teacher-forced top-1 agreement and logit error against the reference.
+teacher-forced top-1 agreement and logit error against the reference, and, when there is text
+to measure it on, **held-out perplexity** beside the reference's: token agreement says how
+often the quantized model picks the same word, perplexity says how much worse it predicts real
+text (only meaningful for a model that has learnt something, such as the ``trained`` preset).
 """
 from __future__ import annotations
 
+import math
+
+from ..prompts import eval_texts  # noqa: F401 (the text perplexity is measured on)
 from .harness import Generation
+
+PPL_TOKENS = 4096                     # tokens perplexity is measured on (windows of PPL_WINDOW)
+PPL_WINDOW = 256
 
 
 def margins(scores) -> list[list[float]]:
@@ -82,10 +91,62 @@ def logit_agreement(ref_logits, logits) -> dict:
     }
 
 
-def quality_report(reference: Generation, ref_logits, generation: Generation, model, tokenizer) -> dict:
-    """Everything we say about a strategy's output quality, in one dict for the record."""
+def perplexity_of_ids(model, ids: list[int], window: int, max_tokens: int | None = None,
+                      device=None) -> float:
+    """exp(mean next-token loss) over consecutive non-overlapping windows of ``window``
+    tokens (each window starts with no context: a slight overestimate, the same for every
+    variant).  Every rank of a multi-rank model must call it with the same ``ids``."""
+    import torch
+
+    from .harness import input_device
+
+    device = device if device is not None else input_device(model)
+    t = torch.tensor(ids[:max_tokens] if max_tokens else ids, dtype=torch.long)
+    n = (len(t) - 1) // window
+    if n == 0:
+        raise ValueError(f"need more than {window} tokens to measure perplexity, got {len(t)}")
+    x = t[: n * window].view(n, window)
+    y = t[1: n * window + 1].view(n, window)
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for i in range(0, n, 16):
+            logits = model(input_ids=x[i:i + 16].to(device)).logits.float().cpu()
+            total += torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), y[i:i + 16].reshape(-1), reduction="sum").item()
+            count += y[i:i + 16].numel()
+    return math.exp(total / count)
+
+
+def perplexity(model, tokenizer, texts: list[str], *, max_tokens: int = PPL_TOKENS,
+               window: int = PPL_WINDOW, device=None) -> float:
+    """Held-out perplexity of ``model`` on ``texts``: each text's tokens then ``</s>`` (as
+    the ``trained`` model saw its training files), the first ``max_tokens``, in windows of
+    ``window`` (shortened to fit the model's context or the text)."""
+    ids: list[int] = []
+    eos = tokenizer.eos_token_id
+    for text in texts:
+        ids += tokenizer(text, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
+        if len(ids) > max_tokens:
+            break
+    ids = ids[:max_tokens]
+    ctx = getattr(getattr(model, "config", None), "max_position_embeddings", None) or window
+    window = max(8, min(window, ctx, (len(ids) - 1) // 2 or 8))
+    return perplexity_of_ids(model, ids, window, device=device)
+
+
+def quality_report(reference: Generation, ref_logits, generation: Generation, model, tokenizer, *,
+                   texts: list[str] | None = None, reference_perplexity: float | None = None,
+                   perplexity_value: float | None = None) -> dict:
+    """Everything we say about a strategy's output quality, in one dict for the record:
+    token agreement, teacher-forced top-1 and logit error, and with ``texts`` the perplexity
+    (``perplexity_value`` when already measured: it does not depend on the batch) beside the
+    fp32 reference's (``reference_perplexity``)."""
     rep = compare_tokens(reference, generation.tokens)
     rep.update(logit_agreement(ref_logits, sequence_logits(model, tokenizer, reference.prompts,
                                                            reference.tokens)))
+    if texts:
+        rep["perplexity"] = (perplexity_value if perplexity_value is not None
+                             else perplexity(model, tokenizer, texts))
+        rep["reference_perplexity"] = reference_perplexity
     rep["reference"] = "plain fp32 model.generate"
     return rep

@@ -28,7 +28,7 @@ from functools import lru_cache
 
 from .. import arch, memory, sysinfo
 
-_TORCH_DTYPE = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "int8": "float32"}
+_TORCH_DTYPE = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "int8": "float32", "nf4": "float32"}
 # int8 weights (LLM.int8() on CPU, DeepSpeed's int8) compute in 16/32-bit: rate of fp32 on CPU
 
 
@@ -171,7 +171,7 @@ def step_bounds(config, *, strategy: str, dtype: str, batch_size: int, machine: 
         # CPU: the matmul rate was measured with `measured_threads` threads; a run using
         # `threads` threads in all (ranks x threads per rank) gets that share of the cores
         rate = rate * threads / measured_threads
-    act_bytes = memory.dtype_bytes("bf16" if dtype in ("int8", "int4") else dtype)
+    act_bytes = memory.dtype_bytes("bf16" if dtype in ("int8", "int4", "nf4") else dtype)
 
     # memory: one read of the weights per step (per stream under ZeRO: each rank reads the
     # full model); TP on separate GPUs reads 1/tp each in parallel
@@ -194,6 +194,11 @@ def step_bounds(config, *, strategy: str, dtype: str, batch_size: int, machine: 
                 moved = w * streams if shared else w
             else:
                 moved = w * (streams - 1)
+            zinfo = options.get("zero") or {}
+            if offload == "nvme" and zinfo.get("swapped_partitions") == 0:
+                moved = 0.0  # every partition under DeepSpeed's swap threshold: nothing on disk
+            elif offload == "nvme" and zinfo.get("disk_read_bytes_per_step"):
+                moved = zinfo["disk_read_bytes_per_step"] * streams  # what really came off disk
             link = moved / (machine.link_bandwidth if offload == "cpu"
                             else options.get("disk_bandwidth") or float("inf"))
     elif strategy == "ds-inference" and tp > 1:
@@ -275,12 +280,13 @@ def label(record: dict) -> str:
     if record["strategy"] == "ds-inference":
         parts.append(f"tp={record.get('world_size', 1)}")
     if record["strategy"] == "ds-zero":
-        parts.append(f"offload={zero_offload(opt)}")
-        if (opt.get("zero") or {}).get("quant_bits"):
-            parts.append(f"int{opt['zero']['quant_bits']}")
+        if not opt.get("variant"):  # a ZeRO variant names its weights and where they live
+            parts.append(f"offload={zero_offload(opt)}")
+            if (opt.get("zero") or {}).get("quant_bits"):
+                parts.append(f"int{opt['zero']['quant_bits']}")
         if (record.get("world_size") or 1) > 1:
             parts.append(f"streams={record['world_size']}")
-    if record["dtype"] not in parts:
+    if record["dtype"] not in " ".join(parts).split():
         parts.append(record["dtype"])
     return " ".join(parts)
 

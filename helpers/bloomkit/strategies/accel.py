@@ -210,6 +210,25 @@ def device_map_summary(device_map: dict, config=None, dtype: str = "bf16"):
     return pd.DataFrame(rows).set_index("device")
 
 
+def unfused_4bit_layers(model) -> list[str]:
+    """Keep 4-bit layers whose input width is not a multiple of the quantization block (64)
+    off bitsandbytes' fused CPU kernel, and return their names.
+
+    On CPUs with AVX-512 bf16, bitsandbytes (0.48-0.50) repacks each ``Linear4bit`` at its first
+    forward for a fused kernel; the repacking assumes ``in_features`` divides into blocks and
+    fails with "shape ... is invalid" otherwise (a Llama of hidden 96, say).  Those layers
+    take bitsandbytes' other path instead: unpack the weight, then an ordinary matmul (same
+    result, no fused kernel)."""
+    names = []
+    for name, module in model.named_modules():
+        blocksize = getattr(getattr(module, "weight", None), "blocksize", None)
+        if (getattr(module, "support_avx512bf16_for_cpu", False) and blocksize
+                and module.in_features % blocksize):
+            module.support_avx512bf16_for_cpu = False
+            names.append(name)
+    return names
+
+
 def load_model(path: str | Path, dtype: str = "fp32", *, device_map: str = "auto",
                max_memory: dict | None = None, offload_folder: str | Path | None = None,
                device: str = "cpu"):
@@ -217,7 +236,10 @@ def load_model(path: str | Path, dtype: str = "fp32", *, device_map: str = "auto
 
     ``dtype``: ``fp32``/``bf16``/``fp16`` weights, or ``int8`` — LLM.int8() through
     ``BitsAndBytesConfig(load_in_8bit=True)``: linear weights stored in int8 (half of bf16),
-    outlier features kept in 16-bit, compute in fp16/bf16.
+    outlier features kept in 16-bit, compute in fp16/bf16 — or ``nf4`` — QLoRA's 4-bit
+    NormalFloat through ``BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")``:
+    a quarter of bf16 (plus one scale per 64 weights), dequantized to the compute dtype
+    (bf16 on GPU, fp32 on CPU) inside every matmul.
     ``device_map``: see :func:`plan_device_map`; ``none`` puts the whole model on ``device``.
     ``max_memory``: per-device caps, e.g. ``{0: "30GiB", "cpu": "100GiB"}``; whatever does
     not fit goes to the next device, then to CPU, then to ``offload_folder`` on disk.
@@ -237,6 +259,12 @@ def load_model(path: str | Path, dtype: str = "fp32", *, device_map: str = "auto
         check_int8_backend(device)
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
         kwargs["dtype"] = torch.float16 if device == "cuda" else torch.float32
+    elif dtype == "nf4":
+        check_int8_backend(device)
+        compute = torch.bfloat16 if device == "cuda" else torch.float32
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute)
+        kwargs["dtype"] = compute
     else:
         kwargs["dtype"] = torch_dtype(dtype)
     if device_map == "none":
@@ -264,4 +292,6 @@ def load_model(path: str | Path, dtype: str = "fp32", *, device_map: str = "auto
             raise UserError(f"the model does not fit in --max_memory and no --offload_folder was "
                             f"given; raise --max_memory or pass --offload_folder DIR ({msg[:120]})") from None
         raise
+    if dtype == "nf4" and device == "cpu":
+        unfused_4bit_layers(model)
     return model.eval()

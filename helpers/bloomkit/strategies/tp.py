@@ -19,24 +19,28 @@ from ..errors import UserError
 from . import autotp, bloom, tp_int8
 
 
-def verify(records, model, tok, path, max_new_tokens: int, base_prompts=None) -> None:
+def verify(records, model, tok, path, max_new_tokens: int, base_prompts=None, texts=None) -> None:
     """Attach ``quality`` (vs plain fp32 ``generate``) to rank 0's records.  Collective:
-    rank 0 computes the reference, every rank runs the teacher-forced TP forward."""
+    rank 0 computes the reference, every rank runs the teacher-forced TP forward (and the
+    perplexity forward on ``texts``)."""
     from ..measure import bench, harness, quality
 
     for rec in records:
         if rec["status"] != "ok":
             continue
         rows = harness.make_prompts(rec["batch_size"], base_prompts)
-        ref = ref_logits = None
+        ref = None
         if is_main():
-            ref, ref_logits = bench.reference(path, rows, max_new_tokens)
-        ref_tokens = broadcast(ref.tokens if ref is not None else None)
+            ref = bench.reference(path, rows, max_new_tokens, texts)
+        ref_tokens = broadcast(ref.generation.tokens if ref is not None else None)
         if is_main():
             gen = harness.Generation(prompts=rec["prompts"], tokens=rec["tokens"], texts=rec["texts"])
-            rec["quality"] = quality.quality_report(ref, ref_logits, gen, model, tok)
+            rec["quality"] = quality.quality_report(ref.generation, ref.logits, gen, model, tok,
+                                                    texts=texts, reference_perplexity=ref.perplexity)
         else:
             quality.sequence_logits(model, tok, rows, ref_tokens)
+            if texts:
+                quality.perplexity(model, tok, texts)
 
 
 def add_flags(parser) -> None:
@@ -68,6 +72,9 @@ def check_cli(args) -> dict:
     from ..models import load_config
     from . import tp_shards
 
+    if args.dtype == "nf4":
+        raise UserError("--dtype nf4 is bitsandbytes' 4-bit load, an Accelerate feature; "
+                        "DeepSpeed tensor parallelism quantizes with --dtype int8")
     if sum(bool(x) for x in (args.save_shards, args.load_shards)) > 1:
         raise UserError("--save_shards and --load_shards exclude each other: write the shards "
                         "in one launch, load them in the next")
@@ -114,13 +121,12 @@ def check_cli(args) -> dict:
         if s["dtype"] == "int8":
             raise UserError("under kernel injection --save_shards writes DeepSpeed's fp16 files and "
                             f"int8 is quantized while reading them: {bloom.KERNEL_INT8_ROUTE}")
-    if args.compile:
-        # tried on CPU ranks (gloo): the compiled decode step with AutoTP's all-reduces inside
-        # left one rank waiting for the other at the end of generate (a hang, then the
-        # collective timeout); until that is solved the flag is refused rather than hanging
-        raise UserError("--compile is not supported under tensor parallelism yet (a compiled step "
-                        "holding AutoTP's all-reduces hung on CPU ranks); drop --compile, or compile "
-                        "a single-device model with recipes/accelerate_inference.py --compile")
+    if args.compile and s["dtype"] == "int8":
+        raise UserError("--compile under tensor parallelism takes plain weights (fp32/bf16/fp16); "
+                        "int8 slices run eagerly: drop --compile or --dtype int8")
+    if args.compile and engine == "kernel-inject":
+        raise UserError("--compile applies to AutoTP (--kernel_inject off): DeepSpeed's fused "
+                        "kernels are already one launch per block and are not traceable")
     if args.save_shards:
         tp_shards.prepare_dir(args.save_shards)
     s.update(tp_size=tp_size, engine=engine, config=config)
@@ -187,6 +193,8 @@ def run(args) -> list[dict]:
     _quiet_rank()
     s = check_cli(args)
     dist.setup_distributed(s["device"], args.comm_timeout)
+    if args.compile:
+        compile_safe_all_reduce()
     warm_imports(s["config"])
     barrier()  # every rank starts the load clock together: a rank still importing is not load time
     with harness.PeakRSS() as rss, harness.LoadTimer() as lt:
@@ -227,8 +235,10 @@ def run(args) -> list[dict]:
         prompts=s["base_prompts"], cycles=args.cycles if args.benchmark else None,
         verify=False, budget=s["budget"], world_size=world_size(), compile=args.compile)
     if args.verify:
+        from ..prompts import eval_texts
+
         verify(records, model, harness_tok(s["path"]), s["ref_path"], args.max_new_tokens,
-               s["base_prompts"])
+               s["base_prompts"], texts=eval_texts(s["ref_path"], args.eval_file))
     barrier()
     if is_main():
         if args.json_out:
@@ -236,6 +246,27 @@ def run(args) -> list[dict]:
         for r in records:
             print(cli.summary_line(r), flush=True)
     return records
+
+
+def compile_safe_all_reduce() -> bool:
+    """Make AutoTP's all-reduces traceable before the decode step is compiled.
+
+    On CPU ranks DeepSpeed sums the partial results of each row-parallel layer with its own
+    shared-memory kernel, ``torch.ops.deepspeed.inference_all_reduce_``: an in-place op whose
+    result ``LinearAllreduce`` ignores (it reads its input tensor back).  Inside a compiled
+    graph that mutation is invisible, so the compiled step loses the reduction: wrong tokens,
+    and ranks that disagree on how many collectives they run (one waits for ever).  Measured
+    on 2 CPU ranks (tiny, fp32): tokens differed from plain ``generate`` and the second call
+    hung.  With DeepSpeed's kernel switched off, ``inference_all_reduce`` falls back to
+    ``torch.distributed.all_reduce``, which torch.compile traces as a functional collective:
+    token-identical, one graph, no recompiles.  Returns whether the shm kernel was on."""
+    import deepspeed.comm.comm as dcomm
+
+    backend = getattr(dcomm, "cdb", None)
+    was = bool(getattr(backend, "shm_vector_kernel_level", 0))
+    if backend is not None:
+        backend.shm_vector_kernel_level = 0
+    return was
 
 
 def harness_tok(path):

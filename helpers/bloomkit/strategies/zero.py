@@ -20,13 +20,18 @@ What this module does, once for the recipe, the notebook and the tests:
   weights are partitioned/offloaded while they load: ``zero.Init``, the path that works for
   a model larger than CPU RAM), then ``deepspeed.initialize``.
 * :func:`rank_prompts` / :func:`stream_generate`: with several ranks each rank generates its
-  own prompts (unique streams, ``synced_gpus=True``); rank 0 gathers every stream.
+  own prompts, none shared with another rank (unique streams, ``synced_gpus=True``); rank 0
+  gathers every stream.
+* :func:`offload_info` / :func:`variant_label`: what a record says it ran; an NVMe run whose
+  partitions all stay under the 1 MiB swap threshold is labelled ``nvme (nothing swapped)``.
+* :class:`DiskReads`: bytes read from disk per generated token (``/proc/self/io``), per batch size.
+* :func:`run_variant`: one variant in this process, recorded as the recipe records it (notebook 03).
 * :func:`swap_files` / :func:`swap_session`: what is on the disk, and cleaning it up.
 * :func:`read_bandwidth`: the disk's measured ``O_DIRECT`` read bandwidth (the roofline).
 
 Load time (measured on this project's 2-core machine, see notebook 03): the first NVMe run
 spends minutes *inside* ``from_pretrained`` because DeepSpeed JIT-compiles its ``async_io``
-op (g++, about 5 minutes here) the moment ``zero.Init`` creates the first swapper; the op is
+op (g++, minutes on 2 cores) the moment ``zero.Init`` creates the first swapper; the op is
 cached under ``TORCH_EXTENSIONS_DIR`` (bloomkit defaults it to ``<env>/torch_extensions``) afterwards.
 :func:`check_async_io` builds/loads it up front and reports the time separately, so the
 load time of NVMe offload is the real one (a small factor of CPU offload).
@@ -547,17 +552,22 @@ def partition_bytes(model) -> int:
 # ---------------------------------------------------------------------------- unique streams
 
 def rank_prompts(batch_size: int, base: list[str] | None, rank: int, world_size: int) -> list[str]:
-    """Rank ``rank``'s rows: its slice of the global batch (rows ``rank*bs ...`` of the base
-    prompts, cycled), shifted by one prompt when that would repeat another rank's stream."""
-    base = list(base or harness.STANDARD_PROMPTS)
+    """Rank ``rank``'s rows, from prompts no other rank gets (unique streams).
+
+    With at least ``world_size * batch_size`` different base prompts, rank ``r`` takes rows
+    ``r*bs ... (r+1)*bs - 1``: disjoint slices of one global batch.  With fewer, rank ``r`` takes
+    every ``world_size``-th prompt starting at ``r`` (disjoint sets), repeated up to
+    ``batch_size`` rows, as the blog repeats its 8 prompts.  Fewer different prompts than ranks
+    cannot give every rank its own: one-line error."""
+    base = list(dict.fromkeys(base or harness.STANDARD_PROMPTS))  # duplicates are not new streams
     n = len(base)
-    used, start = [], 0
-    for r in range(rank + 1):
-        start = (r * batch_size) % n
-        while start in used and len(used) < n:
-            start = (start + 1) % n
-        used.append(start)
-    return [base[(start + i) % n] for i in range(batch_size)]
+    if n < world_size:
+        raise UserError(f"{world_size} ranks need at least {world_size} different prompts for "
+                        f"unique streams, got {n}; pass --prompts_file with more prompts")
+    if n >= world_size * batch_size:
+        return base[rank * batch_size:(rank + 1) * batch_size]
+    mine = base[rank::world_size]
+    return [mine[i % len(mine)] for i in range(batch_size)]
 
 
 def stream_generate(model, tokenizer, prompts: list[str], max_new_tokens: int, *,
@@ -581,7 +591,7 @@ def verify_streams(path, record: dict) -> dict:
     """Each rank's stream against plain fp32 ``generate`` of its own prompts (rank 0)."""
     from ..measure import bench, quality
 
-    ref, _ = bench.reference(path, record["prompts"], record["max_new_tokens"])
+    ref = bench.reference(path, record["prompts"], record["max_new_tokens"]).generation
     rep = quality.compare_tokens(ref, record["tokens"])
     rep["reference"] = "plain fp32 model.generate of each stream's prompts"
     return rep
@@ -655,3 +665,141 @@ def roofline_ms_per_token(weight_bytes: int, bandwidth: float, batch_size: int) 
     """Link-bound lower bound: every step reads all weights once over the link, shared by the
     ``batch_size`` rows: ``weight_bytes / bandwidth / batch_size`` (ms)."""
     return weight_bytes / bandwidth / batch_size * 1000.0
+
+
+# ---------------------------------------------------------------------------- honest labels
+
+def variant_label(offload: str, quant_bits: int | None = None, swapped: int | None = None,
+                  dtype: str = "fp32") -> str:
+    """What a variant really does, for tables and plots: the weights' format and where they
+    live, e.g. ``fp32 cpu``, ``4-bit nvme``.  An NVMe run that swaps no partition (all under
+    DeepSpeed's 1 MiB threshold) keeps every weight in RAM, so it is not labelled as reading
+    from disk: ``4-bit nvme (nothing swapped)``."""
+    weights = f"{quant_bits}-bit" if quant_bits else dtype
+    where = offload
+    if offload == "nvme" and swapped == 0:
+        where = "nvme (nothing swapped)"
+    return f"{weights} {where}"
+
+
+def offload_info(config, offload: str, *, dtype: str = "fp32", world_size: int = 1,
+                 quant_bits: int | None = None) -> dict:
+    """The facts a ZeRO record carries in ``options.zero`` before anything runs: the offload,
+    the bits, the streams, and for NVMe how many partitions really go to disk (and why none,
+    when none), plus the honest :func:`variant_label`."""
+    info = {"offload": offload, "quant_bits": quant_bits, "streams": world_size}
+    if offload == "nvme":
+        swapped, _ = swapped_partitions(config, dtype, world_size, quant_bits)
+        info.update(swapped_partitions=swapped,
+                    nvme_note=nvme_swap_note(config, dtype, world_size, quant_bits))
+    info["variant"] = variant_label(offload, quant_bits, info.get("swapped_partitions"), dtype)
+    return info
+
+
+# ---------------------------------------------------------------------------- disk reads
+
+def disk_read_bytes(pid="self") -> int | None:
+    """Bytes process ``pid`` (all its threads) has read from block devices so far
+    (``read_bytes`` of ``/proc/<pid>/io``): DeepSpeed's ``O_DIRECT`` swap reads count, page-cache
+    hits do not.  ``None`` where the kernel does not report it."""
+    try:
+        for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+            if line.startswith("read_bytes:"):
+                return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+class DiskReads:
+    """Counts the bytes this process reads from disk during each ``generate`` call, per batch
+    size: wrap a ``generate_fn`` with :meth:`wrap`, then :meth:`summary` gives the bytes per
+    generated token of the timed calls (the first call of a batch size, the warm-up, is left
+    out when there are more)."""
+
+    def __init__(self):
+        self.calls: dict[int, list[tuple[int, int]]] = {}
+
+    def wrap(self, generate_fn):
+        def counted(model, tok, rows, n, *a, **kw):
+            before = disk_read_bytes()
+            gen = generate_fn(model, tok, rows, n, *a, **kw)
+            after = disk_read_bytes()
+            if before is not None and after is not None:
+                self.calls.setdefault(len(rows), []).append((after - before, n))
+            return gen
+        return counted
+
+    def summary(self, batch_size: int) -> dict:
+        calls = self.calls.get(batch_size, [])
+        timed = calls[1:] or calls
+        if not timed:
+            return {}
+        nbytes, steps = sum(c[0] for c in timed), sum(c[1] for c in timed)
+        return {"disk_read_bytes_per_step": nbytes / steps,
+                "disk_read_bytes_per_token": nbytes / (steps * batch_size),
+                "disk_read_calls": len(timed)}
+
+
+def with_disk_reads(records: list[dict], reads: DiskReads) -> list[dict]:
+    """Each record's ``options.zero`` (a copy per record) with the disk bytes read per step and
+    per generated token of its batch size on this rank."""
+    for r in records:
+        opts = dict(r.get("options") or {})
+        z = dict(opts.get("zero") or {})
+        z.update(reads.summary(r["batch_size"]))
+        opts["zero"] = z
+        r["options"] = opts
+    return records
+
+
+# ---------------------------------------------------------------------------- one variant in-process
+
+def run_variant(path, name: str, *, offload: str = "none", dtype: str = "fp32", device: str = "cpu",
+                quant_bits: int | None = None, quant_group_size: int | None = None, nvme_path=None,
+                batch_sizes=(1,), max_new_tokens: int = 20, cycles: int | None = None,
+                verify: bool = False, prompts: list[str] | None = None) -> list[dict]:
+    """One ZeRO-Inference variant in *this* process, recorded as the recipe records it (one
+    rank): :func:`ds_config` -> :func:`load_model` -> :func:`bloomkit.measure.bench.run_variant`,
+    ``options.zero`` with :func:`offload_info`, the partition bytes, the swap files and the disk
+    bytes read per token.  Swap files are removed afterwards."""
+    import gc
+
+    from .. import models
+    from ..measure import bench
+
+    config = models.load_config(path)
+    info = offload_info(config, offload, dtype=dtype, quant_bits=quant_bits)
+    plan = None
+    if offload == "nvme":
+        plan = plan_nvme_buffers(config, dtype)
+        check_nvme_path(nvme_path, memory.weight_bytes(config, dtype))
+        info["async_io"] = check_async_io()
+        info.update(nvme_path=str(nvme_path), aio_buffer_count=plan.buffer_count,
+                    aio_buffer_size=plan.buffer_size, aio_locked_bytes=plan.locked_bytes)
+    group = quant_group_size_fn(config, quant_group_size) if quant_bits else None
+    cfg = ds_config(arch.hidden_of(config), dtype=dtype, offload=offload, nvme_path=nvme_path,
+                    buffers=plan, quant_bits=quant_bits, quant_group_size=group or 64)
+    init_distributed(device)
+
+    def load(p, _dtype, dev):
+        model = load_model(p, dtype, cfg, dev)
+        info["partition_bytes"] = partition_bytes(model)
+        if offload == "nvme":
+            info["swap_after_load"] = swap_summary(nvme_path)
+        return model
+
+    reads = DiskReads()
+    options = {"offload": offload, "quant_bits": quant_bits or 0, "kv_offload": False,
+               "variant": info["variant"], "zero": info}
+    with swap_session(nvme_path if offload == "nvme" else None):
+        records = bench.run_variant(
+            strategy="ds-zero", name=name, path=path, load=load, dtype=dtype, device=device,
+            batch_sizes=batch_sizes, max_new_tokens=max_new_tokens, options=options,
+            prompts=prompts, cycles=cycles, verify=verify,
+            generate_fn=reads.wrap(lambda m, t, p, n: stream_generate(m, t, p, n)))
+        gc.collect()
+    return with_disk_reads(records, reads)
+
+
+quant_group_size_fn = quant_group_size  # run_variant's keyword shadows the function's name

@@ -1,0 +1,206 @@
+#!/usr/bin/env python
+"""Recipe: an OpenAI-compatible HTTP server with continuous batching, on any strategy.
+
+The model is loaded exactly as the other recipes load it (same flags); then a scheduler thread
+steps a batch that requests join and leave between decode steps. Examples::
+
+    # the embedded tiny BLOOM, in-process (Accelerate)
+    python recipes/serve.py --port 8000
+    curl -s localhost:8000/v1/completions -H 'content-type: application/json' \\
+        -d '{"prompt": "def __init__(self, ", "max_tokens": 24, "temperature": 0}'
+    python -m bloomkit.serve.loadtest --url http://127.0.0.1:8000 --concurrency 1,16
+    # tensor parallelism: rank 0 serves HTTP, every rank runs each step (CPU: DS_ACCELERATOR=cpu)
+    deepspeed --num_accelerators 2 recipes/serve.py --strategy ds-inference --port 8000
+    # ZeRO-3: every rank serves its own requests on --port + rank, all ranks step together
+    deepspeed --num_accelerators 2 recipes/serve.py --strategy ds-zero --cpu_offload --port 8000
+    # BLOOM-176B on 8x80GB
+    deepspeed --num_gpus 8 recipes/serve.py --strategy ds-inference --name bigscience/bloom --dtype bf16
+"""
+import argparse
+import socket
+
+from bloomkit import checkpoint, cli, dist, memory, models
+from bloomkit.errors import UserError, cli_entry
+from bloomkit.strategies import accel, tp, zero
+
+STRATEGIES = ("accelerate", "ds-inference", "ds-zero")
+OWN = {  # each strategy's own flags and their defaults: another strategy's flag is refused
+    "accelerate": {"device_map": "auto", "max_memory": None, "offload_folder": None},
+    "ds-inference": {"tp_size": None, "kernel_inject": "auto", "save_shards": None,
+                     "load_shards": None, "ds_checkpoint": None, "allow_pickle": False},
+    "ds-zero": {"cpu_offload": False, "nvme_offload_path": None, "quant_bits": None,
+                "quant_group_size": None, "aio_buffer_count": zero.DEFAULT_BUFFER_COUNT,
+                "kv_offload": False},
+}
+NOT_FOR_SERVING = {"benchmark": False, "cycles": 5, "json_out": None, "verify": False,
+                   "memory_budget": None, "prompts_file": None}
+
+
+def parser():
+    p = cli.common_parser(__doc__.splitlines()[1])
+    g = p.add_argument_group("serve")
+    g.add_argument("--strategy", choices=STRATEGIES, default="accelerate",
+                   help="how the model is loaded and run (the flags of that strategy's recipe apply)")
+    g.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    g.add_argument("--port", type=int, default=8000, help="HTTP port (ds-zero: rank r listens on port + r)")
+    g.add_argument("--max_queue", type=cli.positive_int, default=256,
+                   help="rows that may wait for a place in the batch; beyond: HTTP 429")
+    g.add_argument("--request_timeout", type=float, default=300.0,
+                   help="seconds a request may take (queue + generation); beyond: HTTP 504")
+    g.add_argument("--max_prefill_tokens", type=cli.positive_int, default=4096,
+                   help="prompt tokens prefilled in one step (bounds the stall running rows feel)")
+    g.add_argument("--kv_cache_memory", default=None,
+                   help="KV-cache budget per rank, e.g. 2GiB; default: half of the free memory")
+    g.add_argument("--served_model_name", default=None, help="the model id of the API (default: --name)")
+    a = p.add_argument_group("accelerate")
+    a.add_argument("--device_map", choices=accel.DEVICE_MAPS, default="auto")
+    a.add_argument("--max_memory", default=None, help="per-device caps, e.g. 0=30GiB,cpu=100GiB")
+    a.add_argument("--offload_folder", default=None, help="directory for disk-offloaded weights")
+    tp.add_flags(p)
+    z = p.add_argument_group("ds-zero")
+    z.add_argument("--cpu_offload", action="store_true", help="keep the parameters in CPU memory")
+    z.add_argument("--nvme_offload_path", default=None, help="keep the parameters in swap files here")
+    z.add_argument("--quant_bits", type=int, choices=zero.QUANT_BITS, default=None)
+    z.add_argument("--quant_group_size", type=cli.positive_int, default=None)
+    z.add_argument("--aio_buffer_count", type=cli.positive_int, default=zero.DEFAULT_BUFFER_COUNT)
+    z.add_argument("--kv_offload", action="store_true", help=argparse.SUPPRESS)
+    # --batch_size: the most rows in the running batch; --max_new_tokens: a request's default
+    # max_tokens (OpenAI's 16) when it names none
+    p.set_defaults(batch_size=[32], max_new_tokens=16)
+    return p
+
+
+def check_flags(args) -> None:
+    """Refuse, in one line, flags that mean nothing to a server or belong to another strategy."""
+    for k, default in NOT_FOR_SERVING.items():
+        if getattr(args, k) != default:
+            raise UserError(f"--{k} is for the batch recipes, not the server; measure a server with "
+                            "python -m bloomkit.serve.loadtest (or benchmarks/serve.py)")
+    if args.compile:
+        raise UserError("--compile is not supported by the server: its batch changes shape every step "
+                        "(rows join and leave), which a static-cache compiled step cannot follow; drop "
+                        "--compile")
+    if len(args.batch_size) != 1:
+        raise UserError("--batch_size is the most rows in the running batch here: one number, not a sweep")
+    for strategy, flags in OWN.items():
+        if strategy == args.strategy:
+            continue
+        for k, default in flags.items():
+            if getattr(args, k) != default and k not in OWN[args.strategy]:
+                raise UserError(f"--{k} belongs to --strategy {strategy}, not {args.strategy}")
+    if args.strategy == "ds-inference" and args.save_shards:
+        raise UserError("--save_shards writes shards once: run recipes/ds_inference.py --save_shards DIR, "
+                        "then serve with --load_shards DIR")
+    if args.kv_offload:
+        raise UserError("--kv_offload does not apply to the server's batched cache; drop it")
+    if not 0 < args.port < 65536:
+        raise UserError(f"--port must be 1..65535, got {args.port}")
+
+
+def check_port(host: str, port: int) -> None:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            raise UserError(f"cannot listen on {host}:{port} ({exc.strerror}); pick another --port "
+                            "or --host") from None
+
+
+def load(args):
+    """(model, settings, ranks sharing the cache's heads) by the strategy's own load path."""
+    if args.strategy == "ds-inference":
+        tp._quiet_rank()
+        s = tp.check_cli(args)
+        if dist.rank() == 0:
+            check_port(args.host, args.port)
+        dist.setup_distributed(s["device"], args.comm_timeout)
+        tp.warm_imports(s["config"])
+        model, _ = tp.load(args, s)
+        return model, s, s["tp_size"]
+    if args.strategy == "accelerate":
+        max_memory = accel.parse_max_memory(args.max_memory)
+        accel.check_offload_folder(args.offload_folder)
+        s = cli.prepare(args)
+        check_port(args.host, args.port)
+        model = accel.load_model(s["path"], s["dtype"], device_map=args.device_map, max_memory=max_memory,
+                                 offload_folder=args.offload_folder, device=s["device"])
+        return model, s, 1
+    mode = zero.offload_mode(args.cpu_offload, args.nvme_offload_path)
+    s = cli.prepare(args)
+    device, dtype = s["device"], s["dtype"]
+    quant_bits = args.quant_bits or (8 if dtype == "int8" else None)
+    compute = ("bf16" if device == "cuda" else "fp32") if dtype == "int8" else dtype
+    config = models.load_config(s["path"])
+    group = zero.quant_group_size(config, args.quant_group_size) if quant_bits else None
+    rank, world = zero.dist_env(device)
+    check_port(args.host, args.port + rank)
+    plan = None
+    if mode == "nvme":
+        plan = zero.plan_nvme_buffers(config, compute, world, args.aio_buffer_count)
+        zero.check_nvme_path(args.nvme_offload_path, memory.weight_bytes(config, compute))
+        zero.check_async_io()
+    rank, world = zero.init_distributed(device)
+    ds = zero.ds_config(config.hidden_size, dtype=compute, offload=mode, nvme_path=args.nvme_offload_path,
+                        world_size=world, buffers=plan, quant_bits=quant_bits, quant_group_size=group or 64)
+    s["dtype"] = compute
+    return zero.load_model(s["path"], compute, ds, device), s, 1
+
+
+def kv_budget(args, device: str) -> int:
+    if args.kv_cache_memory:
+        return _size(args.kv_cache_memory)
+    if device == "cuda":
+        import torch
+
+        return int(torch.cuda.mem_get_info()[0] * 0.5)
+    import psutil
+
+    return int(psutil.virtual_memory().available * 0.5 / dist.local_world_size())
+
+
+def _size(text: str) -> int:
+    from accelerate.utils import convert_file_size_to_int
+
+    try:
+        return convert_file_size_to_int(text)
+    except ValueError:
+        raise UserError(f"bad --kv_cache_memory {text!r}; use a size like 2GiB") from None
+
+
+@cli_entry
+def main(argv=None):
+    args = parser().parse_args(argv)
+    check_flags(args)
+    if args.kv_cache_memory:
+        _size(args.kv_cache_memory)
+    from bloomkit.measure import harness
+    from bloomkit.serve import app as serve_app
+    from bloomkit.serve import ranks, scheduler
+
+    model, s, kv_share = load(args)
+    tok = models.load_tokenizer(s["path"])
+    config = models.load_config(s["path"])
+    world, rank = dist.world_size(), dist.rank()
+    engine = scheduler.Engine(
+        model, tok, max_batch=args.batch_size[0], max_queue=args.max_queue,
+        request_timeout=args.request_timeout,
+        kv_bytes_per_token=max(1, memory.kv_cache_bytes_per_token(config, s["dtype"]) // kv_share),
+        kv_budget_bytes=kv_budget(args, s["device"]), context_limit=checkpoint.context_limit(config),
+        max_prefill_tokens=args.max_prefill_tokens, device=harness.input_device(model),
+        sync=None if world == 1 else ranks.Lockstep() if args.strategy == "ds-zero" else ranks.Broadcast())
+    if args.strategy == "ds-inference" and rank > 0:
+        ranks.follow(engine.batch)   # rank 0 plans and serves; this rank runs every step with it
+        return
+    port = args.port + (rank if args.strategy == "ds-zero" else 0)
+    model_id = args.served_model_name or args.name
+    app = serve_app.create_app(engine, tok, model_id, default_max_tokens=args.max_new_tokens)
+    banner = (f"serving {model_id} ({args.strategy}, {s['dtype']}, {world} rank(s), rank {rank}) on "
+              f"http://{args.host}:{port}")
+    code = serve_app.serve(app, engine, args.host, port, banner=banner)
+    if code:
+        raise SystemExit(code)
+
+
+if __name__ == "__main__":
+    main()

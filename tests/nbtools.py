@@ -1,0 +1,67 @@
+"""Running a notebook under papermill in a test, and reading its outputs back.
+
+Each strategy notebook is executed twice by its test file: with its default model (``trained``,
+the small BLOOM trained on Python's standard library) and with a model that is not a BLOOM,
+of odd sizes:
+
+``odd-llama`` (Llama-style: hidden 96, 6 query heads sharing 3 key/value heads, RoPE, SwiGLU
+MLP, untied head) shows that no cell assumes BLOOM: shapes come from ``bloomkit.arch`` and the
+records, the BLOOM-only cells (ALiBi slopes per rank, kernel injection) say why they are
+skipped, and what depends on the model is derived (ZeRO's quantization group: 64 does not
+divide 96).  Each notebook also compares its model with one of another family (its
+``SECOND_MODEL``: a Llama beside a BLOOM, the tiny BLOOM beside anything else).
+"""
+import json
+import time
+
+from bloomkit import memory, models, notebooks, results
+from conftest import NOTEBOOKS
+
+ODD = "odd-llama"
+
+
+def build(*names: str) -> None:
+    """Generate presets once, outside any timed notebook."""
+    for name in names:
+        models.ensure_preset(name)
+
+
+def execute(tmp_path, stem: str, params: dict) -> tuple[list[dict], dict]:
+    """Run ``notebooks/<stem>.ipynb`` with ``params``; its result records and the executed
+    notebook (JSON)."""
+    res = tmp_path / "results.jsonl"
+    t0 = time.perf_counter()
+    out = notebooks.execute(NOTEBOOKS / f"{stem}.ipynb", tmp_path / f"{stem}.ipynb",
+                            {"RESULTS_PATH": str(res), **params})
+    print(f"{stem} with {params.get('MODEL_NAME', 'its default model')}: {time.perf_counter() - t0:.1f} s")
+    return results.read_records(res), json.loads(out.read_text())
+
+
+def text(cell: dict) -> str:
+    parts = []
+    for o in cell.get("outputs", []):
+        if o["output_type"] == "stream":
+            parts.append("".join(o["text"]))
+        elif o["output_type"] in ("execute_result", "display_data"):
+            parts.append("".join(o["data"].get("text/plain", "")))
+    return "\n".join(parts)
+
+
+def output(nb: dict, needle: str) -> str:
+    """The text output of the one code cell whose source contains ``needle``."""
+    cells = [c for c in nb["cells"] if c["cell_type"] == "code" and needle in "".join(c["source"])]
+    assert len(cells) == 1, (needle, len(cells))
+    return text(cells[0])
+
+
+def all_output(nb: dict) -> str:
+    return "\n".join(text(c) for c in nb["cells"] if c["cell_type"] == "code")
+
+
+def kv_lines(text: str, names=(ODD, "tiny")) -> None:
+    """The KV-per-token line of each model of the notebook's closing comparison."""
+    for name in names:
+        kv = memory.kv_cache_bytes_per_token(models.load_config(models.resolve_model(name)), "fp32")
+        assert f"{name}: {kv:,} B of KV cache per token in fp32" in text, name
+
+
