@@ -34,7 +34,7 @@ def execute(tmp_path, stem: str, params: dict) -> tuple[list[dict], dict]:
     out = notebooks.execute(NOTEBOOKS / f"{stem}.ipynb", tmp_path / f"{stem}.ipynb",
                             {"RESULTS_PATH": str(res), **params})
     print(f"{stem} with {params.get('MODEL_NAME', 'its default model')}: {time.perf_counter() - t0:.1f} s")
-    return results.read_records(res), json.loads(out.read_text())
+    return (results.read_records(res) if res.exists() else []), json.loads(out.read_text())
 
 
 def text(cell: dict) -> str:
