@@ -328,12 +328,15 @@ def test_killed_rank_ends_the_server(tp2_server):
 # ---------------------------------------------------------------------------- notebook
 
 @pytest.mark.timeout(300)
-def test_notebook_06_runs(tmp_path):
-    from bloomkit import notebooks
+@pytest.mark.parametrize("model", ["trained", "odd-llama"])
+def test_notebook_06_runs(tmp_path, model):
+    from bloomkit import models, notebooks
     from conftest import NOTEBOOKS
 
+    if model != "trained":  # generated once, outside the timed notebook
+        models.ensure_preset(model)
     out = notebooks.execute(NOTEBOOKS / "06_serving.ipynb", tmp_path / "06.ipynb",
-                            {"MAX_NEW_TOKENS": 4, "CYCLES": 1, "CONCURRENCIES": [1, 4]})
+                            {"MODEL_NAME": model, "MAX_NEW_TOKENS": 4, "CYCLES": 1, "CONCURRENCIES": [1, 4]})
     nb = json.loads(out.read_text())
     text = "".join(o.get("text", "") if isinstance(o.get("text"), str) else "".join(o.get("text", []))
                    for c in nb["cells"] for o in c.get("outputs", []))
