@@ -5,7 +5,9 @@
 
 Parts: harness_overhead (small), decode_breakdown (bench, fp32 and bf16, batch 1 and 8: decode
 next to its memory and compute bounds, and the matmul kernels alone vs the whole step),
-offload_slowdown (small).  With --only, the other parts already in --out are kept.
+offload_slowdown (small), compile_speedup (bench: plain generate vs static cache + torch.compile,
+interleaved on one model, fp32 at batch 1 and 8 and bf16 at batch 1; compile time beside the speed-up,
+the decode step beside its memory bound).  With --only, the other parts already in --out are kept.
 """
 import argparse
 
@@ -17,6 +19,8 @@ PARTS = {
     "decode_breakdown": lambda device: [row for dt in ("fp32", "bf16") for row in
                                         microbench.decode_breakdown("bench", dt, device=device)],
     "offload_slowdown": lambda device: [microbench.offload_slowdown("small", bs) for bs in (1, 8)],
+    "compile_speedup": lambda device: (microbench.compile_speedup("bench", "fp32", (1, 8), device=device)
+                                       + microbench.compile_speedup("bench", "bf16", (1,), device=device)),
 }
 
 

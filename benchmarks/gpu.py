@@ -8,8 +8,11 @@ Run on a machine with one GPU (not in CI)::
 It measures the machine (HBM copy bandwidth, bf16 matmul rate), then runs the three
 recipes on the ``bench`` preset through the same harness — Accelerate bf16 and int8,
 DeepSpeed-Inference (AutoTP, one rank) bf16/fp16, ZeRO-Inference with CPU offload
-(bf16, and 4-bit weights) — with a batch-size sweep, and writes every result record plus
-a roofline table (bound and efficiency per strategy and batch size).
+(bf16, and 4-bit weights), and Accelerate and DeepSpeed bf16 with ``--compile`` (static KV
+cache, CUDA graphs) — with a batch-size sweep, and writes every result record plus a roofline
+table (bound and efficiency per strategy and batch size).  ``compile_speedup``: eager vs
+compiled (CUDA graphs) interleaved on one model, with the compile time; ``--only compile`` runs
+just that and the compiled recipes.
 """
 import argparse
 import json
@@ -22,7 +25,9 @@ from bloomkit.errors import cli_entry
 RUNS = [  # (label, recipe, extra args)
     ("accelerate bf16", "accelerate_inference.py", ["--dtype", "bf16", "--device_map", "auto"]),
     ("accelerate int8", "accelerate_inference.py", ["--dtype", "int8", "--device_map", "auto"]),
+    ("accelerate bf16 compiled", "accelerate_inference.py", ["--dtype", "bf16", "--device_map", "auto", "--compile"]),
     ("ds-inference bf16", "ds_inference.py", ["--dtype", "bf16"]),
+    ("ds-inference bf16 compiled", "ds_inference.py", ["--dtype", "bf16", "--compile"]),
     ("ds-inference fp16", "ds_inference.py", ["--dtype", "fp16"]),
     ("ds-zero cpu-offload bf16", "ds_zero_inference.py", ["--dtype", "bf16", "--cpu_offload"]),
     ("ds-zero cpu-offload 4-bit", "ds_zero_inference.py",
@@ -46,10 +51,17 @@ def main(argv=None):
            "machine": machine.to_dict(), "runs": [], "errors": {}}
     out["decode_breakdown"] = microbench.decode_breakdown(args.name, "bf16", device="cuda")
     results.write_json(args.out, out)
+    out["compile_speedup"] = microbench.compile_speedup(args.name, "bf16", (1, 8), device="cuda", machine=machine)
+    for r in out["compile_speedup"]:
+        print(f"compiled (CUDA graphs) bs{r['batch_size']}: step {r['compiled_step_ms']:.2f} ms vs eager "
+              f"{r['eager_step_ms']:.2f} ms = {r['eager_step_ms'] / r['compiled_step_ms']:.1f}x; compile "
+              f"{r['compile_s']:.0f} s; recompiles {r['recompiles']}; identical tokens {r['identical']}", flush=True)
+    results.write_json(args.out, out)
     common = ["--name", args.name, "--batch_size", args.batch_size, "--max_new_tokens",
               args.max_new_tokens, "--benchmark", "--cycles", args.cycles, "--device", "cuda"]
     for label, recipe, extra in RUNS:
-        if args.only and not any(label.startswith(o) for o in args.only):
+        if args.only and not any(label.startswith(o) or (o == "compile" and "compiled" in label)
+                                  for o in args.only):
             continue
         t = time.perf_counter()
         try:

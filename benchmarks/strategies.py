@@ -2,11 +2,13 @@
 """Benchmarks of the DeepSpeed strategies, measured on this machine; prints and saves JSON.
 
     python benchmarks/strategies.py [--out benchmarks/results/strategies-cpu.json]
-                                    [--only tp preshard zero zero_nvme_4bit]
+                                    [--only tp tp_compile preshard zero zero_nvme_4bit]
 
 With --only, the other parts already in --out are kept.
 
 * tp: AutoTP ms/token at TP = 1, 2, 4 on ``small``, batch 1 and 8, ratio to TP = 1;
+* tp_compile: ``bench`` at TP = 1 and 2 (CPU ranks: one memory stream per core), eager and with
+  ``--compile``, every ratio against eager TP = 1;
 * preshard: "start to ready" from per-rank shards vs the full checkpoint at TP = 2 on ``bench``
   (warm and cold page cache);
 * zero: ZeRO-Inference none / cpu / nvme on ``small`` at batch 1, 8, 32, NVMe next to its
@@ -111,6 +113,7 @@ def honest_zero(part: dict) -> dict:
 
 PARTS = {
     "tp": lambda: microbench.tp_scaling("small"),
+    "tp_compile": lambda: microbench.tp_scaling("bench", (1, 2), (1, 8), cycles=3, rounds=1, compile_too=True),
     "preshard": lambda: microbench.preshard_load_ratio("bench", 2, repeats=5),
     "zero": lambda: honest_zero(microbench.zero_offload("small")),
     "zero_nvme_4bit": lambda: zero_nvme_4bit("bench"),

@@ -17,10 +17,14 @@ steps a batch that requests join and leave between decode steps. Examples::
     deepspeed --num_gpus 8 recipes/serve.py --strategy ds-inference --name bigscience/bloom --dtype bf16
 """
 import argparse
+import inspect
 import socket
+import time
 
 from bloomkit import checkpoint, cli, dist, memory, models
 from bloomkit.errors import UserError, cli_entry
+from bloomkit.measure import harness
+from bloomkit.serve import scheduler
 from bloomkit.strategies import accel, tp, zero
 
 STRATEGIES = ("accelerate", "ds-inference", "ds-zero")
@@ -49,6 +53,10 @@ def parser():
                    help="seconds a request may take (queue + generation); beyond: HTTP 504")
     g.add_argument("--max_prefill_tokens", type=cli.positive_int, default=4096,
                    help="prompt tokens prefilled in one step (bounds the stall running rows feel)")
+    g.add_argument("--max_decode_skips", type=cli.non_negative_int,
+                   default=inspect.signature(scheduler.Engine).parameters["max_decode_skips"].default,
+                   help="steps in a row that may prefill waiting requests instead of decoding the running "
+                        "ones (prefill first: lower time to first token; 0: always decode too)")
     g.add_argument("--kv_cache_memory", default=None,
                    help="KV-cache budget per rank, e.g. 2GiB; default: half of the free memory")
     g.add_argument("--served_model_name", default=None, help="the model id of the API (default: --name)")
@@ -76,10 +84,9 @@ def check_flags(args) -> None:
         if getattr(args, k) != default:
             raise UserError(f"--{k} is for the batch recipes, not the server; measure a server with "
                             "python -m bloomkit.serve.loadtest (or benchmarks/serve.py)")
-    if args.compile:
-        raise UserError("--compile is not supported by the server: its batch changes shape every step "
-                        "(rows join and leave), which a static-cache compiled step cannot follow; drop "
-                        "--compile")
+    if args.compile and args.strategy == "ds-zero":
+        raise UserError("--compile cannot take ZeRO-3: it gathers each layer's weights in hooks around "
+                        "every module, which a compiled graph cannot run; drop --compile")
     if len(args.batch_size) != 1:
         raise UserError("--batch_size is the most rows in the running batch here: one number, not a sweep")
     for strategy, flags in OWN.items():
@@ -115,6 +122,8 @@ def load(args):
         if dist.rank() == 0:
             check_port(args.host, args.port)
         dist.setup_distributed(s["device"], args.comm_timeout)
+        if args.compile:
+            tp.compile_safe_all_reduce()   # the all-reduces inside the compiled graph
         tp.warm_imports(s["config"])
         model, _ = tp.load(args, s)
         return model, s, s["tp_size"]
@@ -125,6 +134,8 @@ def load(args):
         check_port(args.host, args.port)
         model = accel.load_model(s["path"], s["dtype"], device_map=args.device_map, max_memory=max_memory,
                                  offload_folder=args.offload_folder, device=s["device"])
+        if args.compile:
+            harness.check_compilable(model)   # offloaded or quantized: one line
         return model, s, 1
     mode = zero.offload_mode(args.cpu_offload, args.nvme_offload_path)
     s = cli.prepare(args)
@@ -174,9 +185,9 @@ def main(argv=None):
     check_flags(args)
     if args.kv_cache_memory:
         _size(args.kv_cache_memory)
-    from bloomkit.measure import harness
+
     from bloomkit.serve import app as serve_app
-    from bloomkit.serve import ranks, scheduler
+    from bloomkit.serve import ranks
 
     model, s, kv_share = load(args)
     tok = models.load_tokenizer(s["path"])
@@ -187,8 +198,14 @@ def main(argv=None):
         request_timeout=args.request_timeout,
         kv_bytes_per_token=max(1, memory.kv_cache_bytes_per_token(config, s["dtype"]) // kv_share),
         kv_budget_bytes=kv_budget(args, s["device"]), context_limit=checkpoint.context_limit(config),
-        max_prefill_tokens=args.max_prefill_tokens, device=harness.input_device(model),
+        max_prefill_tokens=args.max_prefill_tokens, max_decode_skips=args.max_decode_skips,
+        device=harness.input_device(model), compile=args.compile,
         sync=None if world == 1 else ranks.Lockstep() if args.strategy == "ds-zero" else ranks.Broadcast())
+    if args.compile:   # every rank compiles the same graphs before the first request
+        t0 = time.perf_counter()
+        engine.batch.warm_up()
+        print(f"compiled the forward ({harness.compiled_graphs()} graphs) in {time.perf_counter() - t0:.0f} s",
+              flush=True)
     if args.strategy == "ds-inference" and rank > 0:
         ranks.follow(engine.batch)   # rank 0 plans and serves; this rank runs every step with it
         return

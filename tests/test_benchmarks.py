@@ -18,7 +18,7 @@ def test_tp_scaling_ratios_come_from_the_records():
 
 @pytest.mark.timeout(300)
 def test_preshard_load_ratio_measures_both_paths_warm_and_cold():
-    out = microbench.preshard_load_ratio("tiny", 2, repeats=1)
+    out = microbench.preshard_load_ratio("tiny", 2, repeats=1, launcher="torchrun")
     for mode in ("warm", "cold"):
         m = out[mode]
         assert len(m["full_s"]) == len(m["shards_s"]) == 1

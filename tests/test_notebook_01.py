@@ -9,7 +9,7 @@ from bloomkit import notebooks, results
 from conftest import NOTEBOOKS
 from nbtools import ODD
 
-VARIANTS = {"in-memory", "bf16", "disk-offload", "int8", "nf4"}
+VARIANTS = {"in-memory", "compiled", "bf16", "disk-offload", "int8", "nf4"}
 QUANTIZED = {"int8", "nf4"}
 # measured (trained, CPU): every variant's held-out perplexity within 0.1 % of fp32's 83.0
 PPL_BOUND = 1.5
@@ -42,7 +42,11 @@ def test_accelerate_notebook_runs_and_records(tmp_path):
         for tokens in r["tokens"]:          # a completion, not one token repeated
             assert len(set(tokens)) > 2, (r["options"]["variant"], r["texts"])
     assert any(r["options"].get("placement", {}).get("disk") for r in recs)
+    compiled = [r for r in recs if r["options"].get("compile")]
+    assert {r["options"]["variant"] for r in compiled} == {"compiled"}
+    assert all(r["recompiles"] == 0 and r["warmup_seconds"] > max(r["cycle_seconds"]) for r in compiled)
     nb = json.loads(out.read_text())
+    assert nbtools.output(nb, 'measure("compiled"').count("graphs compiled during the timed calls: 0") == 2
     table = nbtools.output(nb, "results.quality_table(")
     assert all(v in table for v in VARIANTS) and "fp32 perplexity on held-out text" in table
     assert nbtools.output(nb, "results.completions(").count("def __init__(self,") == len(VARIANTS)
@@ -89,8 +93,8 @@ def test_unknown_profile_and_profile_parameter(tmp_path, monkeypatch):
 def test_accelerate_notebook_on_odd_llama(tmp_path):
     """Any model: a Llama of odd sizes (no held-out text, so no perplexity), small sweep."""
     recs, nb = nbtools.execute(tmp_path, "01_accelerate", {"MODEL_NAME": ODD, "BATCH_SIZES": [1, 4],
-                                                           "MAX_NEW_TOKENS": 8, "CYCLES": 1})
-    assert {r["options"]["variant"] for r in recs} == VARIANTS
+                                                           "MAX_NEW_TOKENS": 8, "CYCLES": 1, "COMPILE": False})
+    assert {r["options"]["variant"] for r in recs} == VARIANTS - {"compiled"}
     for r in recs:
         assert r["model"] == ODD and r["status"] == "ok" and r["ms_per_token"] > 0
         assert "perplexity" not in r["quality"]

@@ -26,6 +26,8 @@ def test_notebook_02_runs_and_records(tmp_path):
     assert all(r["quality"]["identical"] for r in tp2)  # --verify: TP=2 fp32 equals plain generate
     q = tp2[0]["quality"]
     assert q["perplexity"] == pytest.approx(q["reference_perplexity"], rel=1e-4)
+    comp = [r for r in recs if r["options"].get("compile")]   # TP=2 with the decode step compiled
+    assert comp and all(r["world_size"] == 2 and r["recompiles"] == 0 and r["quality"]["identical"] for r in comp)
     i8 = [r for r in recs if r["dtype"] == "int8"]
     assert i8 and i8[0]["options"]["int8_all_int8"]
     q8 = i8[0]["quality"]
@@ -44,7 +46,8 @@ def test_notebook_02_runs_and_records(tmp_path):
 @pytest.mark.timeout(900)  # about 90 s on a quiet 2-core machine; TP ranks crawl on a busy one
 def test_tp_notebook_on_odd_llama(tmp_path):
     recs, nb = nbtools.execute(tmp_path, "02_ds_inference_tp", {"MODEL_NAME": ODD, "MAX_NEW_TOKENS": 8, "CYCLES": 1,
-                                                                 "RUN_INT8": False})
+                                                                 "RUN_INT8": False, "COMPILE": False,
+                                                                 "LAUNCHER": "torchrun"})
     assert {r["world_size"] for r in recs} == {1, 2}
     assert all(r["model"] == ODD and r["status"] == "ok" for r in recs)
     full = [r for r in recs if r["world_size"] == 2 and r["options"]["load_from"] == "full"]

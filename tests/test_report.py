@@ -96,14 +96,17 @@ def test_comparison_notebook_and_report_end_to_end(tmp_path):
     notebooks.run_profile("cpu-tiny", tmp_path, only=["04"])
     recs = results.read_records(tmp_path / "results.jsonl")
     assert {r["strategy"] for r in recs} == {"accelerate", "ds-inference", "ds-zero"}
-    assert sorted(r["batch_size"] for r in recs) == [1, 1, 1, 8, 8, 8]
+    assert sorted(r["batch_size"] for r in recs) == [1] * 4 + [8] * 4   # 3 strategies, Accelerate compiled too
     assert all(r["status"] == "ok" and r["quality"]["identical"] for r in recs)
     assert {r["world_size"] for r in recs if r["strategy"] == "ds-inference"} == {2}
+    compiled = [r for r in recs if r["options"].get("compile")]
+    assert {r["strategy"] for r in compiled} == {"accelerate"}     # the profile's COMPILE
+    assert all(r["recompiles"] == 0 for r in compiled)
     assert (tmp_path / "04_comparison.html").stat().st_size > 10_000
     md = report.write_report(tmp_path)["markdown"].read_text()
-    for variant in ("accelerate fp32", "ds-inference tp=2 fp32", "ds-zero fp32 cpu"):
+    for variant in ("accelerate fp32", "accelerate fp32 compiled", "ds-inference tp=2 fp32", "ds-zero fp32 cpu"):
         assert f"| {variant} | " in md
-    assert md.count("| memory |") + md.count("| compute |") + md.count("| link |") == 6  # roofline rows
+    assert md.count("| memory |") + md.count("| compute |") + md.count("| link |") == 8  # roofline rows
     import json
 
     outputs = [o for c in json.loads((tmp_path / "04_comparison.ipynb").read_text())["cells"]
@@ -125,7 +128,7 @@ def test_comparison_notebook_on_a_llama_of_odd_sizes(tmp_path):
     import nbtools
 
     recs, nb = nbtools.execute(tmp_path, "04_comparison", {"MODEL_NAME": nbtools.ODD, "BATCH_SIZES": [1],
-                                                           "MAX_NEW_TOKENS": 4, "CYCLES": 1})
+                                                           "MAX_NEW_TOKENS": 4, "CYCLES": 1, "COMPILE": []})
     assert {r["strategy"] for r in recs} == {"accelerate", "ds-inference", "ds-zero"}
     assert all(r["model"] == nbtools.ODD and r["quality"]["identical"] for r in recs)
     assert "batch 1: launched" in nbtools.all_output(nb)

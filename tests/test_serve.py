@@ -213,6 +213,18 @@ def test_loadtest_client_checks_answers(server):
         assert run["output_tokens_per_s"] > 0 and run["ttft_p50_ms"] <= run["e2e_p50_ms"]
     with pytest.raises(SystemExit, match="loopback"):
         loadtest.check_url("http://example.com:8000")
+    # mixed lengths: each request draws its own, the same sequence every run; a shorter answer is
+    # the reference's beginning, and still checked
+    mixed = loadtest.sweep(server.url, concurrencies=[4], max_tokens=(2, 6), requests=8)
+    assert mixed["runs"][0]["errors"] == 0 and mixed["runs"][0]["mismatches"] == 0
+    n = loadtest.lengths((2, 6), 8)
+    assert n == loadtest.lengths((2, 6), 8) and len(set(n)) > 1 and all(2 <= k <= 6 for k in n)
+    ref = {"text": "abc", "max_tokens": 6}
+    assert loadtest.matches("abcdef", {"text": "abc", "max_tokens": 3}, 6)       # asked for fewer
+    assert not loadtest.matches("abcdef", ref, 6) and not loadtest.matches("abcdef", {"text": "abc", "max_tokens": 3})
+    assert not loadtest.matches("abcdef", {"text": "abx", "max_tokens": 3}, 6)
+    with pytest.raises(SystemExit):
+        loadtest.main(["--max_tokens", "9-3"])
 
 
 def test_queue_full_timeout_and_disconnect():
@@ -247,8 +259,31 @@ def test_queue_full_timeout_and_disconnect():
 def test_recipe_refuses_bad_flags_in_one_line():
     proc = run_script(["recipes/serve.py", "--strategy", "accelerate", "--tp_size", "2"], timeout=120)
     assert_one_line_error(proc, "--tp_size", "ds-inference")
-    proc = run_script(["recipes/serve.py", "--compile"], timeout=120)
-    assert_one_line_error(proc, "--compile")
+    proc = run_script(["recipes/serve.py", "--strategy", "ds-zero", "--compile"], timeout=120)
+    assert_one_line_error(proc, "--compile", "ZeRO")
+
+
+def _graphs(url: str) -> int:
+    line = next(ln for ln in httpx.get(url + "/metrics").text.splitlines()
+                if ln.startswith("bloomkit_compiled_graphs "))
+    return int(line.split()[-1])
+
+
+@pytest.mark.timeout(600)   # the compilation happens before /health answers
+def test_compiled_server_equals_generate_and_never_recompiles(expected):
+    """--compile: the forward compiled with dynamic shapes, every graph built before the first
+    request; rows joining and leaving in any number then reuse them (fp32: the same tokens)."""
+    with Server(["--name", "tiny", "--compile"], ready_timeout=540) as srv:
+        built = _graphs(srv.url)
+        assert built > 0
+        r = _complete(srv.url, PROMPTS)
+        assert r.status_code == 200, r.text
+        assert [c["text"] for c in r.json()["choices"]] == expected
+        res = asyncio.run(loadtest.run_load(srv.url, prompts=PROMPTS, max_tokens=(2, N_NEW), requests=12,
+                                            concurrency=4))
+        want = dict(zip(PROMPTS, expected))
+        assert all(r["error"] is None and loadtest.matches(want[r["prompt"]], r, N_NEW) for r in res)
+        assert _graphs(srv.url) == built   # nothing compiled after start-up
 
 
 # ---------------------------------------------------------------------------- several ranks
@@ -336,9 +371,11 @@ def test_notebook_06_runs(tmp_path, model):
     if model != "trained":  # generated once, outside the timed notebook
         models.ensure_preset(model)
     out = notebooks.execute(NOTEBOOKS / "06_serving.ipynb", tmp_path / "06.ipynb",
-                            {"MODEL_NAME": model, "MAX_NEW_TOKENS": 4, "CYCLES": 1, "CONCURRENCIES": [1, 4]})
+                            {"MODEL_NAME": model, "MAX_NEW_TOKENS": 4, "CYCLES": 1, "CONCURRENCIES": [1, 4],
+                             "MIXED_TOKENS": [2, 6]})
     nb = json.loads(out.read_text())
     text = "".join(o.get("text", "") if isinstance(o.get("text"), str) else "".join(o.get("text", []))
                    for c in nb["cells"] for o in c.get("outputs", []))
     assert "equals plain generate" in text and "Errors: 0" in text and "differed from their prompt's answer alone: 0" in text
+    assert "Lengths 2-6: time to first token p50 at 4 clients" in text and "Mismatches: 0." in text
     assert any("image/png" in o.get("data", {}) for c in nb["cells"] for o in c.get("outputs", []))

@@ -46,6 +46,16 @@ def positive_int(text: str) -> int:
     return v
 
 
+def non_negative_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 0 or a positive integer, got {text!r}")
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 or a positive integer, got {v}")
+    return v
+
+
 def dtype_arg(text: str) -> str:
     if text not in DTYPES + ("float32", "bfloat16", "float16"):
         raise argparse.ArgumentTypeError(f"unknown dtype {text!r}; use one of {', '.join(DTYPES)}")

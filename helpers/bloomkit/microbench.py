@@ -10,6 +10,8 @@
 * :func:`offload_slowdown` — disk-offloaded vs in-memory ms/token on the same model.
 * :func:`tp_scaling` — DeepSpeed-Inference AutoTP ms/token for each TP size (real CPU ranks).
 * :func:`preshard_load_ratio` — "start to ready" from per-rank shards vs the full checkpoint.
+* :func:`compile_speedup` — plain ``generate`` vs static cache + ``torch.compile``, interleaved on
+  one model: compile time, time to first token, decode step, recompiles, identical tokens.
 * :func:`zero_offload` — ZeRO-Inference ms/token for none / cpu / nvme (+ 4-bit) offload, NVMe
   next to its disk-read roofline.
 
@@ -168,35 +170,51 @@ def _median(xs):
 
 
 def tp_scaling(name: str = "small", tp_sizes=(1, 2, 4), batch_sizes=(1, 8), new_tokens: int = 20,
-               cycles: int = 3, rounds: int = 2) -> dict:
+               cycles: int = 3, rounds: int = 2, compile_too: bool = False) -> dict:
     """ms/token of AutoTP at each TP size (best of ``rounds`` launches, the rounds interleaved
-    across TP sizes so drift hits all alike) and the ratio to TP = 1 per batch size."""
+    across TP sizes so drift hits all alike) and the ratio to TP = 1 per batch size.
+
+    On a CPU the ranks split the cores (one thread each on 2 cores): TP = 2 there is two memory
+    streams, one per core, instead of one process whose threads share each product.
+    ``compile_too``: each TP size also with ``--compile`` (rows with ``compiled: true``,
+    their decode step and first-call time; ``ratio_to_tp1`` is always against eager TP = 1)."""
     from . import launch
 
     bs = ",".join(map(str, batch_sizes))
-    best: dict[tuple[int, int], float] = {}
+    best: dict[tuple, dict] = {}
+    variants = [(tp, c) for tp in tp_sizes for c in ((False, True) if compile_too else (False,))]
     for _ in range(rounds):
-        for tp in tp_sizes:
+        for tp, comp in variants:
             recs = launch.launch_records("ds_inference.py", [
                 "--name", name, "--batch_size", bs, "--max_new_tokens", str(new_tokens),
-                "--benchmark", "--cycles", str(cycles)], tp, timeout=900)
+                "--benchmark", "--cycles", str(cycles), *(["--compile"] if comp else [])], tp,
+                timeout=1200)
             for r in recs:
-                k = (tp, r["batch_size"])
-                best[k] = min(best.get(k, float("inf")), r["ms_per_token"])
-    rows = [{"tp_size": tp, "batch_size": b, "ms_per_token": best[(tp, b)],
-             "ratio_to_tp1": best[(tp, b)] / best[(tp_sizes[0], b)]}
-            for tp in tp_sizes for b in batch_sizes]
+                k = (tp, comp, r["batch_size"])
+                if k not in best or r["ms_per_token"] < best[k]["ms_per_token"]:
+                    best[k] = r
+    rows = []
+    for tp, comp in variants:
+        for b in batch_sizes:
+            r = best[(tp, comp, b)]
+            row = {"tp_size": tp, "batch_size": b, "ms_per_token": r["ms_per_token"],
+                   "ratio_to_tp1": r["ms_per_token"] / best[(tp_sizes[0], False, b)]["ms_per_token"]}
+            if compile_too:
+                row.update(compiled=comp, decode_ms_per_token=r["decode_ms_per_token"],
+                           first_call_s=r["warmup_seconds"], recompiles=r["recompiles"])
+            rows.append(row)
     return {"model": name, "new_tokens": new_tokens, "cycles": cycles, "rounds": rounds,
             "cpu_cores": sysinfo.hardware()["cpu_cores"], "rows": rows}
 
 
 def preshard_load_ratio(name: str = "bench", tp_size: int = 2, repeats: int = 3,
-                        dtype: str = "fp32") -> dict:
+                        dtype: str = "fp32", launcher: str = "deepspeed") -> dict:
     """Start-to-ready of each rank reading only its shard (``--load_shards``) vs every rank
     loading the full checkpoint, at ``tp_size`` ranks; launches interleaved, medians.
 
     *warm*: files in the page cache (a restart); *cold*: both evicted first
-    (``posix_fadvise``), like the first start after a download."""
+    (``posix_fadvise``), like the first start after a download.  ``launcher``: ``deepspeed``
+    or ``torchrun`` (one process fewer per launch; the recipe's load time is the same)."""
     from . import launch
     from .strategies import tp_shards
 
@@ -205,7 +223,7 @@ def preshard_load_ratio(name: str = "bench", tp_size: int = 2, repeats: int = 3,
     out = {"model": name, "tp_size": tp_size, "dtype": dtype, "repeats": repeats}
     with tempfile.TemporaryDirectory(prefix="bloomkit-shards-") as d:
         launch.launch_records("ds_inference.py", ["--name", name, "--save_shards", d, *common],
-                              tp_size, timeout=900)
+                              tp_size, launcher=launcher, timeout=900)
         for mode in ("warm", "cold"):
             full, shard = [], []
             for _ in range(repeats):
@@ -213,7 +231,7 @@ def preshard_load_ratio(name: str = "bench", tp_size: int = 2, repeats: int = 3,
                     if mode == "cold":
                         tp_shards.evict_page_cache(path, d)
                     rec = launch.launch_records("ds_inference.py", [*src, *common], tp_size,
-                                                timeout=900)[0]
+                                                launcher=launcher, timeout=900)[0]
                     acc.append(rec["load_seconds"])
             out[mode] = {"full_s": full, "shards_s": shard, "full_median_s": _median(full),
                          "shards_median_s": _median(shard),
@@ -261,3 +279,83 @@ def zero_offload(name: str = "small", batch_sizes=(1, 8, 32), new_tokens: int = 
             "disk_read_GBps": disk_bw, "rows": rows,
             "nvme_over_disk_roofline": nvme_vs_roofline,
             "nvme_4bit_speedup": {b: ms[("nvme", b)] / ms[("nvme 4-bit", b)] for b in batch_sizes}}
+
+
+def _cold_compile_cache(cold: bool):
+    """An empty, temporary inductor cache (torch's own ``fresh_cache``) when ``cold``."""
+    import contextlib
+
+    if not cold:
+        return contextlib.nullcontext()
+    from torch._inductor.utils import fresh_cache
+
+    return fresh_cache()
+
+
+def compile_speedup(name: str = "bench", dtype: str = "fp32", batch_sizes=(1, 8),
+                    new_tokens: int = 20, rounds: int = 5, device: str = "cpu", machine=None,
+                    model=None, tokenizer=None, prompts=None, cold: bool = True) -> list[dict]:
+    """Plain ``generate`` against ``generate`` with a static KV cache and the decode step
+    compiled (:func:`harness.compile_kwargs`), on *one* loaded model, interleaved call by call
+    (eager, compiled, eager, ...) so that drift on a shared machine hits both alike.
+
+    Per batch size: the first compiled call's extra time over an eager call (``compile_s``,
+    the one-off price), the median time to first token and decode step of each, their
+    ratio, the graphs compiled during the timed rounds (``recompiles``: must be 0), whether
+    the tokens are identical, ``pays_off_after_steps`` (``compile_s`` ÷ the time saved per
+    decode step: the decode steps, each a token for every row, after which it has paid) and the decode step next to the memory bound (every weight read once per
+    step at the measured copy bandwidth) and next to the matrix kernels alone
+    (:func:`roofline.linears_seconds`), so "what compilation removed" is the part outside
+    the linears.  ``model``/``tokenizer``: already loaded (else ``name`` is loaded here).
+    ``cold``: compile into an empty inductor cache, as on a first run; inductor keeps compiled
+    kernels on disk, and a second run of the same shapes compiles several times faster."""
+    from .measure import roofline
+
+    if model is None:
+        path, model, tokenizer = _load(name, dtype, device_map="none", device=device)
+        config = models.load_config(path)
+    else:
+        config = model.config
+    harness.check_compilable(model)
+    machine = machine or roofline.measure(device, dtypes=[dtype])
+    mem_ms = memory.weight_bytes(config, dtype) / machine.copy_bandwidth * 1e3
+    kw = harness.compile_kwargs(device)
+    rows = []
+    for bs in batch_sizes:
+        rows_in = harness.make_prompts(bs, prompts)
+
+        def call(**extra):
+            t0 = time.perf_counter()
+            g = harness.generate(model, tokenizer, rows_in, new_tokens, **extra)
+            harness.cuda_sync()
+            return g, time.perf_counter() - t0
+
+        eager0, eager_s = call()                   # warm-up of the eager path
+        eager0, eager_s = call()
+        with _cold_compile_cache(cold):            # traces and compiles this batch size
+            first, first_s = call(**kw)
+        graphs = harness.compiled_graphs()
+        runs = {"eager": [], "compiled": []}
+        for i in range(rounds):
+            for v in (("eager", "compiled") if i % 2 == 0 else ("compiled", "eager")):
+                runs[v].append(call(**(kw if v == "compiled" else {})))
+        row = {"model": name, "dtype": dtype, "device": device, "batch_size": bs,
+               "new_tokens": new_tokens, "rounds": rounds, "cold_cache": cold,
+               "compile_s": first_s - eager_s, "first_compiled_call_s": first_s,
+               "recompiles": harness.compiled_graphs() - graphs,
+               "identical": all(g.tokens == eager0.tokens for g, _ in runs["compiled"] + [(first, 0)])}
+        for v, calls in runs.items():
+            steps = [(g.step_times[-1] - g.step_times[0]) * 1e3 / (len(g.step_times) - 1) for g, _ in calls]
+            row[f"{v}_ttft_ms"] = statistics.median(g.step_times[0] * 1e3 for g, _ in calls)
+            row[f"{v}_step_ms"] = statistics.median(steps)
+            row[f"{v}_ms_per_token"] = statistics.median(s for _, s in calls) * 1e3 / (bs * new_tokens)
+        e, c = row["eager_step_ms"], row["compiled_step_ms"]
+        lin = roofline.linears_seconds(model, bs) * 1e3
+        row.update(step_ratio=c / e, ms_per_token_ratio=row["compiled_ms_per_token"] / row["eager_ms_per_token"],
+                   ttft_ratio=row["compiled_ttft_ms"] / row["eager_ttft_ms"],
+                   pays_off_after_steps=(row["compile_s"] * 1e3 / (e - c)) if e > c else None,
+                   linears_ms=lin, eager_outside_linears_ms=e - lin, compiled_outside_linears_ms=c - lin,
+                   memory_bound_ms=mem_ms, copy_bandwidth_GBps=machine.copy_bandwidth / 1e9,
+                   eager_memory_eff=mem_ms / e, compiled_memory_eff=mem_ms / c)
+        rows.append(row)
+    return rows

@@ -288,6 +288,8 @@ def label(record: dict) -> str:
             parts.append(f"streams={record['world_size']}")
     if record["dtype"] not in " ".join(parts).split():
         parts.append(record["dtype"])
+    if opt.get("compile") and "compiled" not in " ".join(parts):
+        parts.append("compiled")
     return " ".join(parts)
 
 

@@ -21,6 +21,7 @@ import uuid
 
 from fastapi import Request as HTTPRequest
 
+from ..measure import harness
 from .scheduler import BadRequest, Engine, Params, QueueFull, Request
 
 MAX_STOP = 4
@@ -115,6 +116,8 @@ def metrics_text(engine: Engine) -> str:
            f"Generated tokens per second over the last {m.window_s:g} s", round(m.tokens_per_s(), 3))
     metric("bloomkit_generated_tokens_total", "counter", "Generated tokens", m.tokens_total)
     metric("bloomkit_steps_total", "counter", "Batched forward steps", m.steps)
+    metric("bloomkit_compiled_graphs", "gauge", "Graphs torch.compile built in this process (--compile: "
+           "all before the first request; a rise under load is a recompile)", harness.compiled_graphs())
     for status, n in m.requests.items():
         metric("bloomkit_requests_total", "counter", "Requests by outcome", n, f'{{status="{status}"}}')
     ttft = sorted(m.ttft)

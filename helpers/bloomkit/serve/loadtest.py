@@ -15,6 +15,15 @@ are seen from the outside; end-to-end latency is the whole request.  Requests ar
 tokens), and a reference pass first asks every distinct prompt alone: under load, each answer
 must equal the answer its own prompt got alone — a response that went to the wrong request, or
 a batch that changed the arithmetic, shows up as a mismatch.
+
+**Output lengths.**  ``max_tokens`` is one number, or a range ``(lo, hi)`` from which each request
+draws its own length (seeded by its index, so every run asks the same sequence).  With one
+length, closed-loop clients fall into *lock-step*: requests that start together end together,
+so all C of them come back, arrive again at once and are prefilled as one group; every request
+then waits for the whole group's prefill.  Real traffic has mixed lengths, which spreads the
+arrivals out so that each new request joins a running batch on its own.  Both are worth
+measuring: the single length is the worst case for time to first token.  An answer shorter than
+the reference must be its prefix.
 """
 from __future__ import annotations
 
@@ -83,18 +92,33 @@ async def one(client, url: str, model: str, prompt: str, max_tokens: int) -> dic
     tokens = tokens if tokens is not None else len(text)   # without usage: one event per token
     ttft = (first or end) - t0
     return {"prompt": prompt, "text": "".join(text), "tokens": tokens, "error": error, "start": t0,
+            "max_tokens": max_tokens,
             "ttft": ttft, "e2e": end - t0,
             "tpot": (end - (first or end)) / (tokens - 1) if tokens and tokens > 1 else None}
 
 
-async def run_load(url: str, *, prompts: list[str], max_tokens: int, requests: int,
+def lengths(max_tokens, requests: int, seed: int = 0) -> list[int]:
+    """Each request's ``max_tokens``: the number itself, or one drawn from the range ``(lo, hi)``."""
+    if isinstance(max_tokens, int):
+        return [max_tokens] * requests
+    lo, hi = max_tokens
+    return [random.Random(seed * 1_000_003 + i).randint(lo, hi) for i in range(requests)]
+
+
+def longest(max_tokens) -> int:
+    return max_tokens if isinstance(max_tokens, int) else max_tokens[1]
+
+
+async def run_load(url: str, *, prompts: list[str], max_tokens, requests: int,
                    concurrency: int | None = None, rate: float | None = None,
                    duration: float = 120.0, model: str | None = None, seed: int = 0) -> list[dict]:
     """Send ``requests`` requests (at most ``duration`` s of arrivals): ``concurrency`` closed-loop
-    clients, or Poisson arrivals at ``rate``/s.  Request i asks ``prompts[i % len(prompts)]``."""
+    clients, or Poisson arrivals at ``rate``/s.  Request i asks ``prompts[i % len(prompts)]`` for
+    ``lengths(max_tokens, ...)[i]`` tokens."""
     import httpx
 
     url = check_url(url)
+    n_tokens = lengths(max_tokens, requests, seed)
     limits = httpx.Limits(max_connections=max(concurrency or 0, 64) + 8)
     async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
         if model is None:
@@ -107,7 +131,7 @@ async def run_load(url: str, *, prompts: list[str], max_tokens: int, requests: i
             for i in range(requests):
                 if time.perf_counter() > deadline:
                     break
-                tasks.append(asyncio.create_task(one(client, url, model, prompts[i % len(prompts)], max_tokens)))
+                tasks.append(asyncio.create_task(one(client, url, model, prompts[i % len(prompts)], n_tokens[i])))
                 await asyncio.sleep(rng.expovariate(rate))
             out = list(await asyncio.gather(*tasks))
         else:
@@ -117,14 +141,16 @@ async def run_load(url: str, *, prompts: list[str], max_tokens: int, requests: i
                 for i in counter:
                     if time.perf_counter() > deadline:
                         return
-                    out.append(await one(client, url, model, prompts[i % len(prompts)], max_tokens))
+                    out.append(await one(client, url, model, prompts[i % len(prompts)], n_tokens[i]))
 
             await asyncio.gather(*(worker() for _ in range(concurrency or 1)))
         return out
 
 
-def summarize(results: list[dict], expected: dict | None = None, label: dict | None = None) -> dict:
-    """requests/s, output tokens/s, TTFT / TPOT / end-to-end p50/p90/p99 (ms), errors, mismatches."""
+def summarize(results: list[dict], expected: dict | None = None, label: dict | None = None,
+              reference_tokens: int | None = None) -> dict:
+    """requests/s, output tokens/s, TTFT / TPOT / end-to-end p50/p90/p99 (ms), errors, mismatches
+    (against ``expected``, answers of ``reference_tokens`` tokens: see :func:`matches`)."""
     ok = [r for r in results if r["error"] is None]
     if results:
         t0 = min(r["start"] for r in results)
@@ -140,14 +166,27 @@ def summarize(results: list[dict], expected: dict | None = None, label: dict | N
         for q in (50, 90, 99):
             row[f"{key}_p{q}_ms"] = pct(vals, q)
     if expected is not None:
-        row["mismatches"] = sum(1 for r in ok if expected.get(r["prompt"]) != r["text"])
+        row["mismatches"] = sum(1 for r in ok if not matches(expected.get(r["prompt"]), r, reference_tokens))
     row["first_error"] = next((r["error"] for r in results if r["error"]), None)
     return row
 
 
-async def reference(url: str, prompts: list[str], max_tokens: int) -> dict:
-    """Every distinct prompt asked alone, one at a time: the answers load must not change."""
-    res = await run_load(url, prompts=list(dict.fromkeys(prompts)), max_tokens=max_tokens,
+def matches(expected: str | None, r: dict, reference_tokens: int | None = None) -> bool:
+    """The answer equals the reference; or, asked for fewer tokens than the reference's
+    ``reference_tokens``, is its beginning (a character cut in half at its end, U+FFFD, is
+    not a difference)."""
+    if expected is None:
+        return False
+    if r["text"] == expected:
+        return True
+    shorter = reference_tokens is not None and (r.get("max_tokens") or 0) < reference_tokens
+    return shorter and expected.startswith(r["text"].rstrip("\ufffd"))
+
+
+async def reference(url: str, prompts: list[str], max_tokens) -> dict:
+    """Every distinct prompt asked alone, one at a time, for the longest length: the answers load
+    must not change."""
+    res = await run_load(url, prompts=list(dict.fromkeys(prompts)), max_tokens=longest(max_tokens),
                          requests=len(set(prompts)), concurrency=1)
     bad = [r["error"] for r in res if r["error"]]
     if bad:
@@ -155,7 +194,7 @@ async def reference(url: str, prompts: list[str], max_tokens: int) -> dict:
     return {r["prompt"]: r["text"] for r in res}
 
 
-def sweep(url: str, *, concurrencies=(1,), rates=(), prompts=None, max_tokens: int = 32,
+def sweep(url: str, *, concurrencies=(1,), rates=(), prompts=None, max_tokens=32,
           requests: int = 32, duration: float = 120.0, check: bool = True) -> dict:
     """A reference pass, then one run per concurrency (and per Poisson rate); a JSON-ready dict."""
     prompts = prompts or DEFAULT_PROMPTS
@@ -164,11 +203,11 @@ def sweep(url: str, *, concurrencies=(1,), rates=(), prompts=None, max_tokens: i
     for c in concurrencies:
         res = asyncio.run(run_load(url, prompts=prompts, max_tokens=max_tokens, requests=requests,
                                    concurrency=c, duration=duration))
-        runs.append(summarize(res, expected, {"arrivals": "fixed", "concurrency": c}))
+        runs.append(summarize(res, expected, {"arrivals": "fixed", "concurrency": c}, longest(max_tokens)))
     for r in rates:
         res = asyncio.run(run_load(url, prompts=prompts, max_tokens=max_tokens, requests=requests,
                                    rate=r, duration=duration))
-        runs.append(summarize(res, expected, {"arrivals": "poisson", "rate": r}))
+        runs.append(summarize(res, expected, {"arrivals": "poisson", "rate": r}, longest(max_tokens)))
     return {"url": url, "max_tokens": max_tokens, "requests_per_run": requests, "runs": runs}
 
 
@@ -198,6 +237,18 @@ def _list(cast):
     return parse
 
 
+def _length(text: str):
+    """``N`` or ``LO-HI`` (1 <= LO <= HI)."""
+    try:
+        lo, _, hi = text.partition("-")
+        lo, hi = int(lo), int(hi or lo)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or LO-HI, e.g. 32 or 16-48; got {text!r}")
+    if not 1 <= lo <= hi:
+        raise argparse.ArgumentTypeError(f"lengths must be positive and LO <= HI; got {text!r}")
+    return lo if lo == hi else (lo, hi)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--url", default="http://127.0.0.1:8000", help="the server (loopback only)")
@@ -205,13 +256,14 @@ def main(argv=None) -> int:
     p.add_argument("--rate", type=_list(float), default=[], help="Poisson arrivals per second, e.g. 2,8")
     p.add_argument("--requests", type=int, default=32, help="requests per run")
     p.add_argument("--duration", type=float, default=120.0, help="seconds of arrivals per run at most")
-    p.add_argument("--max_tokens", type=int, default=32)
+    p.add_argument("--max_tokens", type=_length, default=32,
+                   help="tokens per request: N, or LO-HI for a length drawn per request (mixed traffic)")
     p.add_argument("--prompts_file", default=None, help="one prompt per line (default: the blog's 8)")
     p.add_argument("--no_check", action="store_true", help="skip the greedy reference check")
     p.add_argument("--json_out", default=None)
     a = p.parse_args(argv)
-    if a.requests <= 0 or a.max_tokens <= 0 or a.duration <= 0:
-        p.error("--requests, --max_tokens and --duration must be positive")
+    if a.requests <= 0 or a.duration <= 0:
+        p.error("--requests and --duration must be positive")
     prompts = None
     if a.prompts_file:
         from pathlib import Path

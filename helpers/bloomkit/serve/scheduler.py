@@ -56,10 +56,13 @@ class KVBatch:
     :meth:`keep` (rows leave), :meth:`decode` (one new token per row) and :meth:`admit`
     (prefill a group and merge it in).  Only tensors, no requests: identical on every rank."""
 
-    def __init__(self, model, pad_token_id: int, device=None):
+    def __init__(self, model, pad_token_id: int, device=None, compile: bool = False):
         import torch
 
         self.model, self.pad = model, int(pad_token_id)
+        # compiled: the forward traced with *dynamic* shapes (rows and cache width change every step,
+        # which a static cache could not follow); one graph per kind of step, built by warm_up()
+        self._call = torch.compile(model, dynamic=True) if compile else model
         self.device = device or next(model.parameters()).device
         params = inspect.signature(model.forward).parameters
         self.cache_kw = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5
@@ -85,7 +88,7 @@ class KVBatch:
         if self.keep_logits:
             kw["logits_to_keep"] = 1
         with torch.inference_mode():
-            out = self.model(input_ids=ids, **kw)
+            out = self._call(input_ids=ids, **kw)
         return out.logits[:, -1, :].float()
 
     def keep(self, rows: list[int]) -> None:
@@ -101,9 +104,12 @@ class KVBatch:
         self.mask = self.mask.index_select(0, idx)
         start = int((self.mask.sum(0) > 0).nonzero()[0])
         self.mask = self.mask[:, start:]
-        for layer in self.cache.layers:
-            layer.keys = layer.keys.index_select(0, idx.to(layer.keys.device))[..., start:, :]
-            layer.values = layer.values.index_select(0, idx.to(layer.values.device))[..., start:, :]
+        # contiguous inference tensors, like the forward's own: a compiled forward guards on strides
+        # and on how a tensor was made, and would recompile for a sliced view or a normal tensor
+        with torch.inference_mode():
+            for layer in self.cache.layers:
+                layer.keys = layer.keys.index_select(0, idx.to(layer.keys.device))[..., start:, :].contiguous()
+                layer.values = layer.values.index_select(0, idx.to(layer.values.device))[..., start:, :].contiguous()
 
     def decode(self, tokens: list[int]):
         """One step for every running row: feed its last token, return next-token logits [rows, V]."""
@@ -130,16 +136,39 @@ class KVBatch:
         torch = self._torch
         cache, mask = group
         if self.mask is None:
+            with torch.inference_mode():   # the prefill's keys may be a transposed view: same layout always
+                for layer in cache.layers:
+                    layer.keys, layer.values = layer.keys.contiguous(), layer.values.contiguous()
             self.cache, self.mask = cache, mask
             return
         width = mask.shape[1]
         w = max(self.width, width)
         pad = torch.nn.functional.pad
         self.mask = torch.cat([pad(self.mask, (w - self.width, 0)), pad(mask, (w - width, 0))])
-        for old, new in zip(self.cache.layers, cache.layers):
-            ow, nw = old.keys.shape[-2], new.keys.shape[-2]
-            old.keys = torch.cat([pad(old.keys, (0, 0, w - ow, 0)), pad(new.keys, (0, 0, w - nw, 0))])
-            old.values = torch.cat([pad(old.values, (0, 0, w - ow, 0)), pad(new.values, (0, 0, w - nw, 0))])
+        with torch.inference_mode():
+            for old, new in zip(self.cache.layers, cache.layers):
+                ow, nw = old.keys.shape[-2], new.keys.shape[-2]
+                old.keys = torch.cat([pad(old.keys, (0, 0, w - ow, 0)), pad(new.keys, (0, 0, w - nw, 0))])
+                old.values = torch.cat([pad(old.values, (0, 0, w - ow, 0)), pad(new.values, (0, 0, w - nw, 0))])
+
+    def warm_up(self) -> None:
+        """Run each kind of step once on pad tokens — a prefill of one row and of two (of one token
+        and of several), a decode of one row and of several (on a cache of one column and of
+        several), rows leaving — then empty the batch.  With ``compile`` this builds
+        every graph before the first request (sizes 0 and 1 are specialised, larger ones are
+        symbolic), so no request pays a compilation.  Every rank runs the same sequence."""
+        x = self.pad
+        for one_token in ([[x]], [[x], [x]]):   # one-token prompts: a prefill and a cache of length 1
+            self.merge(self.prefill(one_token)[1])
+            self.decode([x] * len(one_token))
+            self.keep([])
+        self.merge(self.prefill([[x, x, x]])[1])
+        self.decode([x])
+        self.merge(self.prefill([[x, x], [x, x, x, x, x]])[1])
+        self.decode([x, x, x])
+        self.keep([0, 2])
+        self.decode([x, x])
+        self.keep([])
 
     def dummy(self) -> None:
         """A one-token forward on no cache: ZeRO-3 ranks without rows still join the step."""
@@ -292,14 +321,17 @@ class Engine:
     memory halfway; ``max_prefill_tokens`` the prompt tokens prefilled in one step; ``max_decode_skips`` how many
     steps in a row may prefill joining requests *instead of* decoding the running rows (prefill
     first lowers time to first token under load; the bound keeps running rows moving).
-    ``sync`` (:mod:`.ranks`) makes the steps collective when there are several ranks."""
+    ``sync`` (:mod:`.ranks`) makes the steps collective when there are several ranks.
+    ``compile``: the forward compiled with dynamic shapes (:class:`KVBatch`); call
+    ``batch.warm_up()`` on every rank before serving."""
 
     def __init__(self, model, tokenizer, *, max_batch: int = 32, max_queue: int = 256,
                  request_timeout: float = 300.0, kv_bytes_per_token: int = 0,
                  kv_budget_bytes: int | None = None, context_limit: int | None = None,
-                 max_prefill_tokens: int = 4096, max_decode_skips: int = 0, sync=None, device=None):
+                 max_prefill_tokens: int = 4096, max_decode_skips: int = 1, sync=None, device=None,
+                 compile: bool = False):
         self.tok = tokenizer
-        self.batch = KVBatch(model, tokenizer.pad_token_id, device)
+        self.batch = KVBatch(model, tokenizer.pad_token_id, device, compile=compile)
         self.max_batch, self.max_queue = max_batch, max_queue
         self.request_timeout = request_timeout
         self.kv_per_token, self.kv_budget = kv_bytes_per_token, kv_budget_bytes
@@ -407,9 +439,10 @@ class Engine:
             self._unqueue(len(admit))
         # Prefill first (max_decode_skips > 0): a step that admits skips the running rows' decode,
         # so a request arriving meanwhile waits for a prefill, not prefill + decode; at most
-        # `max_decode_skips` steps in a row.  Off by default: measured here (small, 16 clients) it
-        # made TTFT p50 3x *worse*, since arrivals then trickle into many 1-row prefills, each
-        # costing a full read of the weights, instead of gathering during the longer step.
+        # `max_decode_skips` steps in a row, so running rows still move every other step.  Measured
+        # here (small, 16 clients, benchmarks/serve.py): with lengths drawn from 16-48 tokens, TTFT
+        # p50 at 16 clients went from 4.1-4.2x one client's (0) to 3.2-3.5x (1) at the same
+        # throughput; with one length for all (clients in lock-step) it changed nothing measurable.
         if admit and stay and self._skips < self.max_decode_skips:
             feed = []
             self._skips += 1

@@ -144,6 +144,9 @@ def keep_alibi_sharded(model) -> None:
     slopes, but transformers 5 skips that builder when ``attention_mask`` is ``None`` (one row,
     no padding) and builds the slopes of *all* heads inline — a shape error at TP > 1.  A
     pre-hook passes an all-ones mask instead, so DeepSpeed's per-rank builder always runs.
+    Its length is the key length transformers itself would use (``cache.get_mask_sizes``): the
+    tokens so far for a dynamic cache, the whole preallocated length for a static one
+    (``--compile``), whose unfilled columns the causal mask hides.
     """
     import torch
 
@@ -153,9 +156,12 @@ def keep_alibi_sharded(model) -> None:
             if x is None:
                 x = args[0] if args else kwargs.get("inputs_embeds")
             cache = kwargs.get("past_key_values") or kwargs.get("cache")  # renamed in transformers 5
-            past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
-            kwargs["attention_mask"] = torch.ones(x.shape[0], past + x.shape[1], dtype=torch.long,
-                                                  device=x.device)
+            if cache is not None and hasattr(cache, "get_mask_sizes"):
+                keys = cache.get_mask_sizes(x.shape[1], 0)[0]
+            else:
+                past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
+                keys = past + x.shape[1]
+            kwargs["attention_mask"] = torch.ones(x.shape[0], keys, dtype=torch.long, device=x.device)
         return args, kwargs
 
     model.transformer.register_forward_pre_hook(hook, with_kwargs=True)
