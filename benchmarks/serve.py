@@ -90,7 +90,7 @@ def main(argv=None):
     p.add_argument("--out", default="benchmarks/results/serve-cpu.json")
     p.add_argument("--name", default="small")
     p.add_argument("--only", nargs="*", choices=["accelerate", "tp2"], default=["accelerate", "tp2"])
-    p.add_argument("--server_args", default="", help="more flags for recipes/serve.py, e.g. '--max_decode_skips 0'")
+    p.add_argument("--server_args", default="", help="more flags for recipes/serve.py, e.g. --server_args='--compile'")
     args = p.parse_args(argv)
     out = {}
     if os.path.exists(args.out):   # --only: the other parts already there are kept
