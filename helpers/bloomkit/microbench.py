@@ -303,8 +303,9 @@ def compile_speedup(name: str = "bench", dtype: str = "fp32", batch_sizes=(1, 8)
     the one-off price), the median time to first token and decode step of each, their
     ratio, the graphs compiled during the timed rounds (``recompiles``: must be 0), whether
     the tokens are identical, ``pays_off_after_steps`` (``compile_s`` ÷ the time saved per
-    decode step: the decode steps, each a token for every row, after which it has paid) and the decode step next to the memory bound (every weight read once per
-    step at the measured copy bandwidth) and next to the matrix kernels alone
+    decode step: the decode steps, each a token for every row, after which it has paid), and
+    the decode step next to the memory bound (every weight read once per step at the measured
+    copy bandwidth) and next to the matrix kernels alone
     (:func:`roofline.linears_seconds`), so "what compilation removed" is the part outside
     the linears.  ``model``/``tokenizer``: already loaded (else ``name`` is loaded here).
     ``cold``: compile into an empty inductor cache, as on a first run; inductor keeps compiled

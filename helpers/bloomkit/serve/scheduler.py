@@ -441,7 +441,7 @@ class Engine:
         # so a request arriving meanwhile waits for a prefill, not prefill + decode; at most
         # `max_decode_skips` steps in a row, so running rows still move every other step.  Measured
         # here (small, 16 clients, benchmarks/serve.py): with lengths drawn from 16-48 tokens, TTFT
-        # p50 at 16 clients went from 4.1-4.2x one client's (0) to 3.2-3.5x (1) at the same
+        # p50 at 16 clients went from 4.1-4.2x one client's (0) to 3.1-3.5x (1) at the same
         # throughput; with one length for all (clients in lock-step) it changed nothing measurable.
         if admit and stay and self._skips < self.max_decode_skips:
             feed = []
