@@ -2,27 +2,36 @@
 """Serving benchmark, measured on this machine over loopback; prints and saves JSON.
 
     python benchmarks/serve.py [--out benchmarks/results/serve-cpu.json] [--name small]
-                               [--only accelerate tp2]
+                               [--only accelerate tp2] [--server_args='--compile']
 
 With --only, the other parts already in --out are kept.
 
 * accelerate: the server (``recipes/serve.py``) under the load-test client at 1, 4 and 16
   concurrent clients; the goals are throughput at 16 clients >= 4x the one-request-at-a-time
-  run, and time-to-first-token p50 at 16 clients <= 3x its value with one client.  Measured
-  twice: every request 32 tokens long (closed-loop clients then run in lock-step: all 16 come
-  back together and are prefilled as one group, the worst case for time to first token), and
-  lengths drawn from 16-48 per request (mixed traffic, same mean);
+  run, and time-to-first-token p50 at 16 clients <= 3x its value with one client.  Two kinds
+  of traffic: lengths drawn from 16-48 tokens per request (*mixed*: clients out of step, each
+  new request joins a running batch) and every request 32 tokens long (*one length*:
+  closed-loop clients that start together stay in lock-step, so all 16 come back at once, a
+  burst of 16 prompts to prefill: the worst case for time to first token).  Two servers,
+  measured side by side: the default one (prefill in a second thread beside the decode step,
+  ``--overlap_prefill``) and ``--no-overlap_prefill`` (prefill first, between decode steps).
+  Every run is repeated in ``--rounds`` rounds that alternate servers and client counts, so
+  each ratio compares runs minutes apart at most; the ratio kept is the median of the rounds'.
+* burst: in-process, what a lock-step round asks of the model: 16 prompts prefilled as one
+  group, against one prompt alone (the compute every request of such a round waits for);
 * tp2: the same greedy requests to a TP=2 server on two CPU ranks: the same tokens as the
   Accelerate server (and its throughput at 1 and 16 clients).
 
 Every answer under load is checked against the answer its prompt got alone (``mismatches``).
 On a shared 2-core machine the absolute numbers move with the other jobs (the record keeps the
-load average); the ratios are measured within one run, one server.
+load average); the ratios are measured within one round.
 """
 import argparse
 import asyncio
+import contextlib
 import json
 import os
+import statistics
 import time
 
 from bloomkit import results, sysinfo
@@ -30,55 +39,119 @@ from bloomkit.errors import cli_entry
 from bloomkit.serve import loadtest
 from bloomkit.serve.proc import Server
 
-MAX_TOKENS = 32
-RUNS = {1: 16, 4: 24, 16: 48}   # concurrency -> requests
-MIXED_TOKENS = (16, 48)         # each request draws its length: the same mean, clients out of step
-MIXED_RUNS = {1: 16, 16: 48}
+TRAFFIC = {"mixed": (16, 48), "one_length": 32}   # max_tokens: a range drawn per request, or one number
+RUNS = {1: 12, 4: 16, 16: 48}                      # concurrency -> requests per run
+SERVERS = {"overlap": [], "prefill_first": ["--no-overlap_prefill"]}
 
 
-def sweep(srv: Server, runs: dict, max_tokens) -> dict:
-    expected = asyncio.run(loadtest.reference(srv.url, loadtest.DEFAULT_PROMPTS, max_tokens))
-    rows = []
-    for c, n in runs.items():
-        res = asyncio.run(loadtest.run_load(srv.url, prompts=loadtest.DEFAULT_PROMPTS, max_tokens=max_tokens,
-                                            requests=n, concurrency=c, duration=600))
-        rows.append(loadtest.summarize(res, expected, {"arrivals": "fixed", "concurrency": c},
-                                       loadtest.longest(max_tokens)))
-        print(loadtest.table({"runs": rows[-1:]}).splitlines()[1], flush=True)
-    return {"expected": expected, "max_tokens": max_tokens, "runs": rows}
+def run(srv: Server, max_tokens, c: int, n: int, expected: dict) -> dict:
+    res = asyncio.run(loadtest.run_load(srv.url, prompts=loadtest.DEFAULT_PROMPTS, max_tokens=max_tokens,
+                                        requests=n, concurrency=c, duration=600))
+    return loadtest.summarize(res, expected, {"arrivals": "fixed", "concurrency": c}, loadtest.longest(max_tokens))
 
 
-def ratios(out: dict) -> dict:
-    by = {r["concurrency"]: r for r in out["runs"]}
-    return {"throughput_16_over_1": by[16]["output_tokens_per_s"] / by[1]["output_tokens_per_s"],
-            "ttft_p50_16_over_1": by[16]["ttft_p50_ms"] / by[1]["ttft_p50_ms"]}
+def ratios(rounds: list[list[dict]]) -> dict:
+    """Each round's 16-client value over its 1-client value; the median of the rounds."""
+    def ratio(key):
+        per = []
+        for rows in rounds:
+            by = {r["concurrency"]: r for r in rows}
+            per.append(by[16][key] / by[1][key])
+        return statistics.median(per), per
+
+    def median(key, c):
+        return statistics.median(next(r for r in rows if r["concurrency"] == c)[key] for rows in rounds)
+    thr, thr_rounds = ratio("output_tokens_per_s")
+    ttft, ttft_rounds = ratio("ttft_p50_ms")
+    return {"throughput_16_over_1": thr, "ttft_p50_16_over_1": ttft,
+            "per_round": {"throughput_16_over_1": thr_rounds, "ttft_p50_16_over_1": ttft_rounds},
+            "median_ttft_p50_ms": {c: median("ttft_p50_ms", c) for c in (1, 16)},
+            "median_output_tokens_per_s": {c: median("output_tokens_per_s", c) for c in (1, 16)}}
 
 
-def accelerate(name: str, server_args=()) -> dict:
-    t0 = time.perf_counter()
-    with Server(["--name", name, *server_args], ready_timeout=600) as srv:
-        ready = time.perf_counter() - t0
-        out = sweep(srv, RUNS, MAX_TOKENS)
-        out["mixed"] = sweep(srv, MIXED_RUNS, MIXED_TOKENS)
-    same, mixed = ratios(out), ratios(out["mixed"])
-    out.update(ready_seconds=ready, goals={
-        **same, "throughput_goal": 4.0, "ttft_goal": 3.0,
-        "mixed_throughput_16_over_1": mixed["throughput_16_over_1"],
-        "mixed_ttft_p50_16_over_1": mixed["ttft_p50_16_over_1"]})
-    print(f"one length ({MAX_TOKENS} tokens, clients in lock-step): throughput at 16 clients = "
-          f"{same['throughput_16_over_1']:.2f}x one at a time (goal >= 4); TTFT p50 at 16 = "
-          f"{same['ttft_p50_16_over_1']:.2f}x (goal <= 3)", flush=True)
-    print(f"mixed lengths ({MIXED_TOKENS[0]}-{MIXED_TOKENS[1]} tokens): throughput at 16 clients = "
-          f"{mixed['throughput_16_over_1']:.2f}x; TTFT p50 at 16 = {mixed['ttft_p50_16_over_1']:.2f}x", flush=True)
+def accelerate(name: str, server_args=(), rounds: int = 3) -> dict:
+    out = {}
+    # --compile: prefill first only (no prefill thread beside a compiled forward)
+    servers = {"prefill_first": []} if "--compile" in server_args else SERVERS
+    with contextlib.ExitStack() as stack:
+        srvs = {}
+        for label, extra in servers.items():
+            t0 = time.perf_counter()
+            srvs[label] = stack.enter_context(Server(["--name", name, *server_args, *extra], ready_timeout=600))
+            out[label] = {"server_args": [*server_args, *extra], "ready_seconds": time.perf_counter() - t0}
+        expected = {t: asyncio.run(loadtest.reference(next(iter(srvs.values())).url, loadtest.DEFAULT_PROMPTS, mt))
+                    for t, mt in TRAFFIC.items()}
+        for label in servers:
+            for t, mt in TRAFFIC.items():
+                out[label][t] = {"max_tokens": mt, "rounds": []}
+        for k in range(rounds):
+            for t, mt in TRAFFIC.items():
+                for label, srv in srvs.items():
+                    rows = [run(srv, mt, c, n, expected[t]) for c, n in RUNS.items()]
+                    out[label][t]["rounds"].append(rows)
+                    r = ratios([rows])
+                    print(f"round {k + 1} {t:>10} {label:>13}: TTFT p50 {rows[0]['ttft_p50_ms']:.0f} -> "
+                          f"{rows[-1]['ttft_p50_ms']:.0f} ms ({r['ttft_p50_16_over_1']:.2f}x), throughput "
+                          f"{r['throughput_16_over_1']:.2f}x, mismatches {sum(x['mismatches'] for x in rows)}",
+                          flush=True)
+    for label in servers:
+        for t in TRAFFIC:
+            out[label][t].update(ratios(out[label][t]["rounds"]))
+    out["expected"] = expected
+    out["goals"] = {"throughput_goal": 4.0, "ttft_goal": 3.0}
+    for t, mt in TRAFFIC.items():
+        lengths = f"{mt[0]}-{mt[1]} tokens" if isinstance(mt, tuple) else f"{mt} tokens each"
+        for label in servers:
+            r = out[label][t]
+            print(f"{t} ({lengths}), {label}: throughput at 16 clients = {r['throughput_16_over_1']:.2f}x one at a "
+                  f"time (goal >= 4: {'met' if r['throughput_16_over_1'] >= 4 else 'not met'}); TTFT p50 at 16 = "
+                  f"{r['ttft_p50_16_over_1']:.2f}x one client's (goal <= 3: "
+                  f"{'met' if r['ttft_p50_16_over_1'] <= 3 else 'not met'}); median of {rounds} rounds", flush=True)
+    if len(servers) < 2:
+        return out
+    a, b = (out[s]["mixed"]["median_ttft_p50_ms"] for s in ("overlap", "prefill_first"))
+    print(f"mixed traffic, TTFT p50 (median of the rounds): at 16 clients {a[16]:.0f} ms with the prefill thread, "
+          f"{b[16]:.0f} ms prefilling first ({b[16] / a[16]:.2f}x {'lower' if a[16] < b[16] else 'higher'}); "
+          f"with one client {a[1]:.0f} vs {b[1]:.0f} ms", flush=True)
+    return out
+
+
+def burst(name: str, repeats: int = 5) -> dict:
+    """In-process, no HTTP: what one lock-step round asks of the model — the prefill of 16 prompts
+    as one left-padded group — against one prompt's prefill, interleaved ``repeats`` times."""
+    from bloomkit import models
+    from bloomkit.serve.scheduler import KVBatch
+    from bloomkit.strategies import accel
+
+    path = models.resolve_model(name)
+    tok = models.load_tokenizer(path)
+    batch = KVBatch(accel.load_model(str(path), "fp32", device="cpu").eval(), tok.pad_token_id)
+    prompts = [tok(p)["input_ids"] for p in loadtest.DEFAULT_PROMPTS]
+    group = [prompts[i % len(prompts)] for i in range(16)]
+    one, many = [], []
+    for _ in range(repeats + 1):   # the first round warms up
+        for ids, times in (([prompts[0]], one), (group, many)):
+            t0 = time.perf_counter()
+            batch.prefill(ids)
+            times.append(time.perf_counter() - t0)
+    one_ms, many_ms = statistics.median(one[1:]) * 1e3, statistics.median(many[1:]) * 1e3
+    out = {"prefill_1_ms": one_ms, "prefill_16_ms": many_ms, "ratio": many_ms / one_ms,
+           "padded_tokens_16": 16 * max(map(len, group)), "prompt_tokens_16": sum(map(len, group))}
+    print(f"a lock-step round prefills 16 prompts as one group: {many_ms:.0f} ms, {out['ratio']:.1f}x one prompt's "
+          f"{one_ms:.0f} ms ({out['padded_tokens_16']} padded tokens for {out['prompt_tokens_16']} prompt tokens), "
+          "and every request of the round waits for the whole group", flush=True)
     return out
 
 
 def tp2(name: str, reference: dict | None = None) -> dict:
+    mt = TRAFFIC["one_length"]
     with Server(["--name", name, "--strategy", "ds-inference"], nprocs=2, ready_timeout=600) as srv:
-        out = sweep(srv, {1: 8, 16: 32}, MAX_TOKENS)
+        expected = asyncio.run(loadtest.reference(srv.url, loadtest.DEFAULT_PROMPTS, mt))
+        out = {"expected": expected, "max_tokens": mt,
+               "runs": [run(srv, mt, c, n, expected) for c, n in {1: 8, 16: 32}.items()]}
     if reference is None:
         with Server(["--name", name], ready_timeout=600) as srv:
-            reference = asyncio.run(loadtest.reference(srv.url, loadtest.DEFAULT_PROMPTS, MAX_TOKENS))
+            reference = asyncio.run(loadtest.reference(srv.url, loadtest.DEFAULT_PROMPTS, mt))
     out["same_tokens_as_accelerate"] = out["expected"] == reference
     print(f"TP=2 answers equal the Accelerate server's: {out['same_tokens_as_accelerate']}", flush=True)
     return out
@@ -89,19 +162,20 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     p.add_argument("--out", default="benchmarks/results/serve-cpu.json")
     p.add_argument("--name", default="small")
-    p.add_argument("--only", nargs="*", choices=["accelerate", "tp2"], default=["accelerate", "tp2"])
+    p.add_argument("--only", nargs="*", choices=["accelerate", "burst", "tp2"], default=["accelerate", "burst", "tp2"])
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds of every run (ratio: their median)")
     p.add_argument("--server_args", default="", help="more flags for recipes/serve.py, e.g. --server_args='--compile'")
     args = p.parse_args(argv)
     out = {}
     if os.path.exists(args.out):   # --only: the other parts already there are kept
         out = json.loads(open(args.out).read())
-    out.update({"model": args.name, "max_tokens": MAX_TOKENS, "hardware": sysinfo.hardware(),
-                "load_average_before": os.getloadavg()})
+    out.update({"model": args.name, "hardware": sysinfo.hardware(), "load_average_before": os.getloadavg()})
     if "accelerate" in args.only:
-        out["accelerate"] = accelerate(args.name, args.server_args.split())
-        out["accelerate"]["server_args"] = args.server_args
+        out["accelerate"] = accelerate(args.name, args.server_args.split(), args.rounds)
+    if "burst" in args.only:
+        out["burst"] = burst(args.name)
     if "tp2" in args.only:
-        out["tp2"] = tp2(args.name, out.get("accelerate", {}).get("expected"))
+        out["tp2"] = tp2(args.name, out.get("accelerate", {}).get("expected", {}).get("one_length"))
     out["load_average_after"] = os.getloadavg()
     results.write_json(args.out, out)
     print(f"wrote {args.out}")

@@ -55,8 +55,13 @@ def parser():
                    help="prompt tokens prefilled in one step (bounds the stall running rows feel)")
     g.add_argument("--max_decode_skips", type=cli.non_negative_int,
                    default=inspect.signature(scheduler.Engine).parameters["max_decode_skips"].default,
-                   help="steps in a row that may prefill waiting requests instead of decoding the running "
-                        "ones (prefill first: lower time to first token; 0: always decode too)")
+                   help="without the prefill thread (--no-overlap_prefill, several ranks, --compile, a GPU): steps "
+                        "in a row that may prefill waiting requests instead of decoding the running ones "
+                        "(prefill first: lower time to first token; 0: always decode too)")
+    g.add_argument("--overlap_prefill", action=argparse.BooleanOptionalAction, default=None,
+                   help="prefill arriving requests in a second thread while the running rows decode, so "
+                        "they need not wait for the step in flight (default: on where it can run: one "
+                        "process on the CPU, eager, weights in place)")
     g.add_argument("--kv_cache_memory", default=None,
                    help="KV-cache budget per rank, e.g. 2GiB; default: half of the free memory")
     g.add_argument("--served_model_name", default=None, help="the model id of the API (default: --name)")
@@ -87,6 +92,10 @@ def check_flags(args) -> None:
     if args.compile and args.strategy == "ds-zero":
         raise UserError("--compile cannot take ZeRO-3: it gathers each layer's weights in hooks around "
                         "every module, which a compiled graph cannot run; drop --compile")
+    if args.overlap_prefill and (args.strategy != "accelerate" or args.compile):
+        raise UserError("--overlap_prefill runs one process's eager forward (--strategy accelerate without "
+                        "--compile): with several ranks every step's collectives must stay in order, and the "
+                        "compiled server measured faster prefilling first; drop it")
     if len(args.batch_size) != 1:
         raise UserError("--batch_size is the most rows in the running batch here: one number, not a sweep")
     for strategy, flags in OWN.items():
@@ -193,13 +202,17 @@ def main(argv=None):
     tok = models.load_tokenizer(s["path"])
     config = models.load_config(s["path"])
     world, rank = dist.world_size(), dist.rank()
+    refusal = scheduler.overlap_refusal(model, device=s["device"], ranks=world, compile=args.compile)
+    if args.overlap_prefill and refusal:
+        raise UserError(f"--overlap_prefill: {refusal}; drop it")
+    overlap = refusal is None if args.overlap_prefill is None else args.overlap_prefill
     engine = scheduler.Engine(
         model, tok, max_batch=args.batch_size[0], max_queue=args.max_queue,
         request_timeout=args.request_timeout,
         kv_bytes_per_token=max(1, memory.kv_cache_bytes_per_token(config, s["dtype"]) // kv_share),
         kv_budget_bytes=kv_budget(args, s["device"]), context_limit=checkpoint.context_limit(config),
         max_prefill_tokens=args.max_prefill_tokens, max_decode_skips=args.max_decode_skips,
-        device=harness.input_device(model), compile=args.compile,
+        device=harness.input_device(model), compile=args.compile, overlap_prefill=overlap,
         sync=None if world == 1 else ranks.Lockstep() if args.strategy == "ds-zero" else ranks.Broadcast())
     if args.compile:   # every rank compiles the same graphs before the first request
         t0 = time.perf_counter()
@@ -212,7 +225,8 @@ def main(argv=None):
     port = args.port + (rank if args.strategy == "ds-zero" else 0)
     model_id = args.served_model_name or args.name
     app = serve_app.create_app(engine, tok, model_id, default_max_tokens=args.max_new_tokens)
-    banner = (f"serving {model_id} ({args.strategy}, {s['dtype']}, {world} rank(s), rank {rank}) on "
+    banner = (f"serving {model_id} ({args.strategy}, {s['dtype']}, {world} rank(s), rank {rank}"
+              f"{', prefill overlapped' if overlap else ''}) on "
               f"http://{args.host}:{port}")
     code = serve_app.serve(app, engine, args.host, port, banner=banner)
     if code:

@@ -10,6 +10,7 @@ the server within 60 s and leaves no process or /dev/shm segment behind.
 import asyncio
 import json
 import os
+import threading
 import time
 
 import httpx
@@ -42,10 +43,12 @@ def _complete(url, prompt, n=N_NEW, **kw):
 
 # ---------------------------------------------------------------------------- the engine
 
-@pytest.mark.parametrize("name", ["tiny", "tiny-llama"])
-def test_engine_rows_joining_and_leaving_equal_generate(name):
+@pytest.mark.parametrize("name,overlap", [("tiny", False), ("tiny-llama", False), ("tiny", True),
+                                           ("tiny-llama", True)])
+def test_engine_rows_joining_and_leaving_equal_generate(name, overlap):
     """Staggered arrivals, different lengths, at most 3 rows: rows join and leave between steps,
-    and every row's greedy tokens equal plain ``generate`` on that prompt alone."""
+    and every row's greedy tokens equal plain ``generate`` on that prompt alone — prefilled
+    before the step (prefill first) or in the prefill thread beside it (``overlap_prefill``)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -54,23 +57,57 @@ def test_engine_rows_joining_and_leaving_equal_generate(name):
     tok = models.load_tokenizer(path)
     prompts, lengths = harness.make_prompts(6), [9, 3, 7, 1, 9, 5]
     ref = [harness.generate(model, tok, [p], n).tokens[0] for p, n in zip(prompts, lengths)]
-    eng = Engine(model, tok, max_batch=3)
-    got, reqs = {}, []
-    for i, (p, n) in enumerate(zip(prompts, lengths)):
-        req = Request([tok(p)["input_ids"]], Params(max_tokens=n, temperature=0, ignore_eos=True),
-                      sink=lambda ev, i=i: got.setdefault(i, []).append(ev))
-        eng.submit(req)
-        eng._collect(0)
-        eng.step()
-        assert eng.batch.rows <= 3
-    while eng.rows or eng.waiting:
-        eng._collect(0)
-        eng.step()
+    eng = Engine(model, tok, max_batch=3, overlap_prefill=overlap)
+    got, done, widest = {}, [threading.Event() for _ in prompts], [0]
+
+    def sink(ev, i):
+        got.setdefault(i, []).append(ev)
+        widest[0] = max(widest[0], eng.batch.rows)
+        if ev[3] is not None:
+            done[i].set()
+
+    reqs = [Request([tok(p)["input_ids"]], Params(max_tokens=n, temperature=0, ignore_eos=True),
+                    sink=lambda ev, i=i: sink(ev, i)) for i, (p, n) in enumerate(zip(prompts, lengths))]
+    if overlap:   # the model thread and the prefill thread run; requests arrive 20 ms apart
+        worker = threading.Thread(target=eng.run, daemon=True)
+        worker.start()
+        for req in reqs:
+            eng.submit(req)
+            time.sleep(0.02)
+        assert all(d.wait(60) for d in done), eng.failed
+        t0 = time.perf_counter()
+        while (eng.rows or eng.batch.rows) and time.perf_counter() - t0 < 10:
+            time.sleep(0.01)   # the finished rows leave at the next step
+        eng.stopping.set()
+        worker.join(30)
+    else:         # stepped by hand: one arrival per step
+        for req in reqs:
+            eng.submit(req)
+            eng._collect(0)
+            eng.step()
+        while eng.rows or eng.waiting:
+            eng._collect(0)
+            eng.step()
+    assert widest[0] <= 3
     for i, r in enumerate(ref):
         text = "".join(ev[2] for ev in got[i])
         assert text == tok.decode(r, skip_special_tokens=True), (i, text)
         assert got[i][-1][3] == "length" and got[i][-1][5] == lengths[i]
     assert eng.batch.rows == 0 and eng.batch.cache is None   # every row left, its cache freed
+
+
+def test_overlap_prefill_only_where_it_can_run(tiny_model, tiny_tokenizer):
+    """One process on the CPU, eager, weights in place: anything else says why, and the engine
+    refuses to overlap across ranks or beside a compiled forward."""
+    from bloomkit.serve.scheduler import overlap_refusal
+
+    assert overlap_refusal(tiny_model, device="cpu", ranks=1, compile=False) is None
+    assert "collectives" in overlap_refusal(tiny_model, device="cpu", ranks=2, compile=False)
+    assert "--compile" in overlap_refusal(tiny_model, device="cpu", ranks=1, compile=True)
+    assert "CUDA stream" in overlap_refusal(tiny_model, device="cuda", ranks=1, compile=False)
+    for kw in ({"sync": object()}, {"compile": True}):
+        with pytest.raises(ValueError):
+            Engine(tiny_model, tiny_tokenizer, overlap_prefill=True, **kw)
 
 
 def test_engine_refuses_beyond_context_and_memory(tiny_model, tiny_tokenizer):
@@ -261,6 +298,8 @@ def test_recipe_refuses_bad_flags_in_one_line():
     assert_one_line_error(proc, "--tp_size", "ds-inference")
     proc = run_script(["recipes/serve.py", "--strategy", "ds-zero", "--compile"], timeout=120)
     assert_one_line_error(proc, "--compile", "ZeRO")
+    proc = run_script(["recipes/serve.py", "--strategy", "ds-inference", "--overlap_prefill"], timeout=120)
+    assert_one_line_error(proc, "--overlap_prefill", "collectives")
 
 
 def _graphs(url: str) -> int:
@@ -272,10 +311,11 @@ def _graphs(url: str) -> int:
 @pytest.mark.timeout(600)   # the compilation happens before /health answers
 def test_compiled_server_equals_generate_and_never_recompiles(expected):
     """--compile: the forward compiled with dynamic shapes, every graph built before the first
-    request; rows joining and leaving in any number then reuse them (fp32: the same tokens)."""
+    request; rows joining and leaving in any number then reuse them (fp32: the same tokens).  It
+    prefills first (no prefill thread beside a compiled forward)."""
     with Server(["--name", "tiny", "--compile"], ready_timeout=540) as srv:
         built = _graphs(srv.url)
-        assert built > 0
+        assert built > 0 and "prefill overlapped" not in srv.log()
         r = _complete(srv.url, PROMPTS)
         assert r.status_code == 200, r.text
         assert [c["text"] for c in r.json()["choices"]] == expected
@@ -378,4 +418,6 @@ def test_notebook_06_runs(tmp_path, model):
                    for c in nb["cells"] for o in c.get("outputs", []))
     assert "equals plain generate" in text and "Errors: 0" in text and "differed from their prompt's answer alone: 0" in text
     assert "Lengths 2-6: time to first token p50 at 4 clients" in text and "Mismatches: 0." in text
+    assert "Prefill first: time to first token p50 at 4 clients" in text
+    assert text.count("Mismatches: 0.") == 2
     assert any("image/png" in o.get("data", {}) for c in nb["cells"] for o in c.get("outputs", []))

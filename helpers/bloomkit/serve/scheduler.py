@@ -19,6 +19,20 @@ from the mask itself.  When rows leave, columns that are padding for every remai
 trimmed.  The arithmetic is exactly ``generate``'s with left padding, so greedy fp32 output is
 the same token for token, alone or in any batch.
 
+**Prefill beside the decode step** (``overlap_prefill``, single process).  A request that
+arrives while a decode step runs would wait for that whole step before its prompt is even
+looked at: with closed-loop clients, whose next request lands just after a step began, that
+is one full step of the batch every time.  With ``overlap_prefill`` a second thread owns the
+queue: it takes a request the moment it arrives, prefills it (and sends its first token)
+*while* the running rows decode, and hands the group to the model thread, which merges it at
+the next step boundary.  The two forwards share the cores for that step (each runs slower
+than alone), but the new request starts at once.  A burst — at least as many rows prefilling
+as running — is waited for instead: sharing the cores with it would only delay every one of
+its first tokens.  Only in one process, on the CPU: under tensor parallelism or ZeRO-3 every
+rank must run the same collectives in the same order, and on a GPU both threads would queue
+on one CUDA stream.  (GPU servers get the same effect from *chunked prefill*: vLLM puts the
+new prompts' tokens into the running batch's step, which its paged, packed attention allows.)
+
 **The plan.**  Every step is a pure function of a small plan — rows to keep, the tokens to feed
 the running rows, the prompts (token ids) to admit — so under tensor parallelism rank 0 decides
 it, broadcasts it, and every rank applies identical cache operations (:mod:`.ranks`); rank 0
@@ -290,8 +304,13 @@ class Metrics:
         self.ttft: deque = deque(maxlen=1000)    # seconds, recent requests
         self.ttft_sum = self.ttft_count = 0.0
         self.steps = 0
+        self._lock = threading.Lock()   # the prefill thread counts its first tokens too
 
     def step(self, tokens: int) -> None:
+        with self._lock:
+            self._step(tokens)
+
+    def _step(self, tokens: int) -> None:
         now = time.perf_counter()
         self.tokens_total += tokens
         self.steps += 1
@@ -305,6 +324,10 @@ class Metrics:
         return n / self.window_s
 
     def first_token(self, seconds: float) -> None:
+        with self._lock:
+            self._first_token(seconds)
+
+    def _first_token(self, seconds: float) -> None:
         self.ttft.append(seconds)
         self.ttft_sum += seconds
         self.ttft_count += 1
@@ -323,13 +346,16 @@ class Engine:
     first lowers time to first token under load; the bound keeps running rows moving).
     ``sync`` (:mod:`.ranks`) makes the steps collective when there are several ranks.
     ``compile``: the forward compiled with dynamic shapes (:class:`KVBatch`); call
-    ``batch.warm_up()`` on every rank before serving."""
+    ``batch.warm_up()`` on every rank before serving.  ``overlap_prefill``: joining requests
+    are prefilled in a second thread while the running rows decode (one process only; see
+    :func:`overlap_refusal`); ``max_decode_skips`` then does not apply, the running rows
+    decode every step; the prefill thread starts with :meth:`run`."""
 
     def __init__(self, model, tokenizer, *, max_batch: int = 32, max_queue: int = 256,
                  request_timeout: float = 300.0, kv_bytes_per_token: int = 0,
                  kv_budget_bytes: int | None = None, context_limit: int | None = None,
                  max_prefill_tokens: int = 4096, max_decode_skips: int = 1, sync=None, device=None,
-                 compile: bool = False):
+                 compile: bool = False, overlap_prefill: bool = False):
         self.tok = tokenizer
         self.batch = KVBatch(model, tokenizer.pad_token_id, device, compile=compile)
         self.max_batch, self.max_queue = max_batch, max_queue
@@ -350,6 +376,15 @@ class Engine:
         self.peer_stopped = False
         self.ready = threading.Event()
         self.last_step = time.monotonic()
+        if overlap_prefill and (sync is not None or compile):
+            raise ValueError("overlap_prefill runs in one process, uncompiled (see overlap_refusal)")
+        self.overlap = overlap_prefill
+        # overlap_prefill: the prefill thread owns the inbox and the waiting rows; the rows it took
+        # are in _inflight until the model thread merges their group (from _ready) into the batch
+        self._rows_lock = threading.Lock()
+        self._inflight: list[Row] = []
+        self._ready: queue.Queue = queue.Queue()
+        self._room = threading.Event()
 
     # ------------------------------------------------------------------ the HTTP side
 
@@ -403,8 +438,9 @@ class Engine:
         with self._lock:
             self._queued -= n
 
-    def plan(self) -> dict:
-        """Decide this step: which rows stay, which tokens feed them, which prompts join."""
+    def _running(self) -> tuple[list[int], list[int], list[Row]]:
+        """The running rows that stay (cancelled and timed-out ones leave): batch indices to keep,
+        the tokens to feed them, the rows."""
         now = time.perf_counter()
         keep, feed, stay = [], [], []
         for i, r in enumerate(self.rows):
@@ -417,7 +453,13 @@ class Engine:
                 keep.append(i)
                 feed.append(r.next)
                 stay.append(r)
-        # waiting rows whose request was cancelled or timed out leave the queue
+        return keep, feed, stay
+
+    def _admission(self, occupied: list[Row]) -> list[Row]:
+        """Waiting rows whose request was cancelled or timed out leave the queue; then the waiting
+        rows that fit beside ``occupied`` (``max_batch``, ``max_prefill_tokens``, the KV budget)
+        are taken, in arrival order."""
+        now = time.perf_counter()
         for r in [r for r in self.waiting if r.req.cancelled or now > r.req.deadline]:
             self.waiting.remove(r)
             self._unqueue(1)
@@ -426,17 +468,23 @@ class Engine:
             else:
                 self._timeout(r)
         admit, tokens = [], 0
-        while self.waiting and len(stay) + len(admit) < self.max_batch:
+        while self.waiting and len(occupied) + len(admit) < self.max_batch:
             r = self.waiting[0]
             if admit and tokens + len(r.prompt_ids) > self.max_prefill_tokens:
                 break
-            if self.kv_budget and self.kv_per_token and (stay or admit) and \
-                    self._padded_kv(stay + admit + [r]) > self.kv_budget:
+            if self.kv_budget and self.kv_per_token and (occupied or admit) and \
+                    self._padded_kv(occupied + admit + [r]) > self.kv_budget:
                 break   # waits until running rows leave and free their cache
             admit.append(self.waiting.popleft())
             tokens += len(r.prompt_ids)
         if admit:
             self._unqueue(len(admit))
+        return admit
+
+    def plan(self) -> dict:
+        """Decide this step: which rows stay, which tokens feed them, which prompts join."""
+        keep, feed, stay = self._running()
+        admit = self._admission(stay)
         # Prefill first (max_decode_skips > 0): a step that admits skips the running rows' decode,
         # so a request arriving meanwhile waits for a prefill, not prefill + decode; at most
         # `max_decode_skips` steps in a row, so running rows still move every other step.  Measured
@@ -519,12 +567,85 @@ class Engine:
             self.finish_step(stay, logits)
         return bool(stay or admit)
 
+    def _step_overlapped(self, idle_wait: float = 0.5) -> bool:
+        """The model thread's step with ``overlap_prefill``: the groups the prefill thread has
+        finished join the batch (with no running rows: wait for one), rows leave, the running
+        rows decode one token."""
+        self._join(idle_wait if not self.rows else 0)
+        # A burst (at least as many rows prefilling as running): the running rows wait for it
+        # instead of sharing the cores with it, so the burst's first tokens come sooner, and
+        # then everyone decodes together.  Measured here (small, 16 clients in lock-step, all
+        # arriving at once): TTFT p50 at 16 clients went from 7.7x one client's (decoding beside
+        # the burst) to 5.7x, as prefill first (5.5x in the same run).
+        while self.rows and not self.stopping.is_set() and self._burst():
+            self._join(0.5)
+        with self._rows_lock:
+            keep, feed, stay = self._running()
+            left, self.rows = len(self.rows) > len(stay), stay
+        self.batch.keep(keep)
+        if left:
+            self._room.set()   # the prefill thread may admit again
+        if feed:
+            self.finish_step(stay, self.batch.decode(feed))
+            self.last_step = time.monotonic()
+        return bool(stay)
+
+    def _burst(self) -> bool:
+        with self._rows_lock:
+            return len(self._inflight) >= len(self.rows)
+
+    def _join(self, wait: float) -> None:
+        """Merge every prefilled group into the batch (``wait``: seconds to wait for one when none
+        is ready); their rows decode from the next step on.  A failed prefill raises here."""
+        try:
+            item = self._ready.get(timeout=wait) if wait > 0 else self._ready.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            if isinstance(item, BaseException):
+                raise item
+            group, rows = item
+            self.batch.merge(group)
+            with self._rows_lock:
+                self.rows = self.rows + rows
+                self._inflight = [r for r in self._inflight if r not in rows]
+            try:
+                item = self._ready.get_nowait()
+            except queue.Empty:
+                return
+
+    def _prefill_loop(self) -> None:
+        """The prefill thread: take arrivals as they come, prefill them as one group beside the
+        running decode, send their first tokens, hand the group to the model thread."""
+        try:
+            while not self.stopping.is_set():
+                self._collect(0.0 if self.waiting else 0.05)
+                with self._rows_lock:
+                    admit = self._admission(self.rows + self._inflight)
+                    self._inflight += admit
+                if not admit:
+                    if self.waiting:   # no room: until rows leave (or a waiting request expires)
+                        self._room.wait(0.05)
+                        self._room.clear()
+                    continue
+                logits, group = self.batch.prefill([r.prompt_ids for r in admit])
+                self.finish_step(admit, logits)
+                self._ready.put((group, admit))
+        except BaseException as exc:  # noqa: BLE001 - the model thread raises it and goes down
+            self._ready.put(exc)
+
     def run(self) -> None:
         """The model thread: step while there is work; idle, wait for requests (and, with
         several ranks, send a heartbeat every second so a dead rank is noticed)."""
         self.ready.set()
         busy = False
+        prefill = None
+        if self.overlap:
+            prefill = threading.Thread(target=self._prefill_loop, name="prefill", daemon=True)
+            prefill.start()
         try:
+            while self.overlap and not self.stopping.is_set():
+                self._step_overlapped()
             while not self.stopping.is_set():
                 idle = not self.rows and not self.waiting
                 self._collect((self.sync.idle_wait if self.sync else 0.5) if idle and not busy else 0)
@@ -535,9 +656,13 @@ class Engine:
                 self.stopping.set()
                 return
             self.failed = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
-            for r in self.rows + list(self.waiting):
+            self.stopping.set()
+            for r in self.rows + self._inflight + list(self.waiting):
                 r.req.emit(("error", 503, f"the model failed: {self.failed}"))
         finally:
+            if prefill is not None:
+                self.stopping.set()
+                prefill.join(timeout=60)
             if self.sync is not None and self.failed is None and not self.peer_stopped:
                 self.sync.close()
 
@@ -547,3 +672,28 @@ class Engine:
         if not self.ready.is_set():
             return False, "loading"
         return True, "ok"
+
+
+def overlap_refusal(model, *, device: str, ranks: int, compile: bool) -> str | None:
+    """Why ``overlap_prefill`` cannot run here, or None when it can: it needs one process (ranks
+    run the same collectives in the same order), the CPU (on a GPU both threads would queue
+    kernels on one CUDA stream: no overlap, only a second thread), the weights in place
+    (Accelerate's offload hooks move weights in and out around each module, and bitsandbytes
+    layers are not run from two threads here), and no ``compile``: one compiled module is not run
+    from two threads, and an eager prefill beside the compiled decode step measured slower here
+    than the compiled server prefilling first (``small``, mixed lengths, 16 clients: TTFT p50
+    92, 92 and 94 ms against 75, 83 and 88 ms in three alternating rounds; one client 41, 38 and
+    35 ms against 25, 26 and 26 ms)."""
+    if ranks > 1:
+        return "it runs in one process; with several ranks each step's collectives must stay in order"
+    if compile:
+        return ("with --compile the prefill would run eagerly beside the compiled step, measured slower than "
+                "the compiled server prefilling first")
+    if device != "cpu":
+        return "it overlaps two forwards on the CPU's cores; on a GPU both would queue on one CUDA stream"
+    places = {str(v) for v in (getattr(model, "hf_device_map", None) or {}).values()}
+    if "disk" in places or len(places) > 1:
+        return "the model is offloaded, and the offload hooks move weights in and out around each module"
+    if getattr(model, "is_quantized", False) or getattr(model, "hf_quantizer", None) is not None:
+        return "bitsandbytes-quantized layers are not run from two threads here"
+    return None
