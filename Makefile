@@ -4,8 +4,11 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PROFILE ?= cpu-tiny
 PIP_EXTRA ?=
+# pytest-xdist: one file per worker at a time (a module's fixtures are built once); WORKERS=1 runs serially
+WORKERS ?= 2
+PYTEST_WORKERS := $(if $(filter 1,$(WORKERS)),,-n $(WORKERS) --dist loadfile)
 
-.PHONY: setup setup-legacy run test test-gpu test-legacy lab clean
+.PHONY: setup setup-legacy run test test-slow test-gpu test-legacy lab clean
 
 setup:  ## .venv, pinned packages, Jupyter kernel, libaio-dev (quick when done)
 	@bash scripts/setup.sh requirements.txt $(VENV) $(PIP_EXTRA)
@@ -16,8 +19,11 @@ setup-legacy:  ## pinned legacy env (.venv-legacy): DeepSpeed's BLOOM kernel inj
 run: setup  ## execute every notebook headless with PROFILE; results under runs/$(PROFILE)/
 	@$(PY) -m bloomkit.notebooks --profile $(PROFILE) --out runs/$(PROFILE)
 
-test: setup  ## the whole CPU test suite (GPU and legacy-stack tests are deselected: see below)
-	@$(PY) -m pytest -m "not gpu and not legacy" --durations=25 tests
+test: setup  ## the CPU test suite, 2 workers (tests marked slow, gpu or legacy are deselected: see below)
+	@$(PY) -m pytest $(PYTEST_WORKERS) -m "not gpu and not legacy and not slow" --durations=25 tests
+
+test-slow: setup  ## the tests marked slow (second models through the notebooks, benchmarks, TP=4, 2 nodes); CI runs them after make test
+	@$(PY) -m pytest $(PYTEST_WORKERS) -m "slow and not gpu and not legacy" --durations=25 tests
 
 test-gpu: setup  ## tests marked gpu, on a machine with a CUDA GPU
 	@$(PY) -m pytest -m "gpu and not legacy" tests

@@ -229,14 +229,16 @@ def test_ds_zero_refuses_bad_file(runs, case):
 
 @pytest.mark.timeout(4 * TIMEOUT)
 def test_tp_ranks_refuse_bad_file(runs):
-    """Both TP ranks check the model before the process group starts: each prints its one
-    line (rank 1 says so) and the launch ends, nothing hangs waiting for a peer."""
+    """Both TP ranks check the model before the process group starts, so the launch ends
+    (nothing hangs waiting for a peer) with rank 0's one line. Rank 1 prints its own, tagged
+    line only if it gets there before the launcher, seeing rank 0 exit, stops it: both
+    orders happen, so either is right."""
     proc, out = runs.result("tp2", TP_CASE)
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr[-3000:]
     lines = _stderr_lines(proc)
     prefixes = sorted(ln.split(":", 1)[0] for ln in lines)
-    assert prefixes == ["error", "error (rank 1)"], proc.stderr[-3000:]
+    assert prefixes in (["error"], ["error", "error (rank 1)"]), proc.stderr[-3000:]
     for ln in lines:
         for n in CASES[TP_CASE][1]:
             assert n.lower() in ln.lower(), ln

@@ -5,6 +5,7 @@ import pytest
 from bloomkit import microbench
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_tp_scaling_ratios_come_from_the_records():
     out = microbench.tp_scaling("tiny", tp_sizes=(1, 2), batch_sizes=(1, 4), new_tokens=4,
@@ -16,6 +17,7 @@ def test_tp_scaling_ratios_come_from_the_records():
         assert r["ratio_to_tp1"] == pytest.approx(r["ms_per_token"] / rows[(1, bs)]["ms_per_token"])
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_preshard_load_ratio_measures_both_paths_warm_and_cold():
     out = microbench.preshard_load_ratio("tiny", 2, repeats=1, launcher="torchrun")
@@ -26,6 +28,7 @@ def test_preshard_load_ratio_measures_both_paths_warm_and_cold():
     assert len(out["shard_bytes_per_rank"]) == 2
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_zero_offload_table_and_roofline(tmp_path):
     out = microbench.zero_offload("tiny", batch_sizes=(2,), new_tokens=2, cycles=1,

@@ -80,6 +80,7 @@ def test_tp2_is_token_identical_and_shards_the_block(reference, tp2_record, tiny
     assert plan.loc["self_attention.dense", "rank 0 shape"] == [h, h // 2]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_tp4_is_token_identical(reference):
     rec = _launch(4, [])
@@ -104,6 +105,7 @@ def _build_bloom(out, n_head, hidden, tokenizer_from):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_six_heads_tp2_is_token_identical(tmp_path, tiny_path):
     path = _build_bloom(tmp_path / "bloom6", n_head=6, hidden=96, tokenizer_from=tiny_path)
@@ -114,6 +116,7 @@ def test_six_heads_tp2_is_token_identical(tmp_path, tiny_path):
     assert rec["options"]["rank0_shapes"]["layers.0.self_attention.query_key_value.weight"].startswith("[144, 96]")
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_tp2_bf16_on_cpu(tp2_record):
     """bf16 under TP on CPU ranks: bf16 slices (half the fp32 bytes), close to fp32."""
@@ -235,7 +238,7 @@ def test_bad_input_on_two_ranks_fails_all_ranks(tmp_path):
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("launcher", ["deepspeed", "torchrun"])
+@pytest.mark.parametrize("launcher", ["deepspeed", pytest.param("torchrun", marks=pytest.mark.slow)])
 def test_killed_rank_ends_the_launch(tmp_path, launcher):
     out = tmp_path / "r.json"
     t0 = time.perf_counter()
@@ -247,6 +250,7 @@ def test_killed_rank_ends_the_launch(tmp_path, launcher):
     assert not out.exists()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(200)
 @pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])
 def test_two_nodes_on_loopback(tmp_path, reference, launcher):

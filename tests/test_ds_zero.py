@@ -162,6 +162,7 @@ def test_nvme_really_swaps_is_identical_and_cleans_up(tmp_path):
 
 # ---------------------------------------------------------------------------- two ranks
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_two_ranks_unique_streams_each_identical(tmp_path):
     """NVMe offload on `small`, 2 ranks, each generating its own prompts (CPU offload on 2

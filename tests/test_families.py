@@ -66,6 +66,7 @@ def test_accelerate_every_family_is_token_identical(tmp_path):
     assert all(r["strategy"] == "accelerate" for r in recs.values())
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_zero_cpu_offload_every_family_is_token_identical(tmp_path):
     recs, errs = _run(tmp_path, "recipes/ds_zero_inference.py", "--cpu_offload")
@@ -100,6 +101,7 @@ def test_planned_shapes_match_what_a_rank_holds():
     assert set(r0.loc[r0.split == "row", "weight"]) == {"self_attn.o_proj", "mlp.down_proj"}
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_llama_preshard_round_trip_at_tp2(tmp_path):
     """--save_shards, then --load_shards --verify: each rank reads only its file, and the
@@ -128,6 +130,7 @@ def test_tp_size_beyond_kv_heads_is_one_line():
     assert_one_line_error(proc, "3 key/value head", "--tp_size 3")
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_int8_under_tp_on_a_gqa_model():
     """int8 weights on each rank's slices (7 linears per Llama block), close to fp32."""

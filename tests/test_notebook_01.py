@@ -89,6 +89,7 @@ def test_unknown_profile_and_profile_parameter(tmp_path, monkeypatch):
         notebooks.run_profile("bad", tmp_path / "out", only=["01"])
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_accelerate_notebook_on_odd_llama(tmp_path):
     """Any model: a Llama of odd sizes (no held-out text, so no perplexity), small sweep."""

@@ -163,6 +163,7 @@ def test_blog_oom_batches_are_beyond_what_the_plan_can_count():
         assert r["unexplained_bytes"] > 10e9
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_notebook_00_on_a_llama_of_odd_sizes(tmp_path):
     import nbtools

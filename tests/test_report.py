@@ -122,6 +122,7 @@ def test_comparison_notebook_and_report_end_to_end(tmp_path):
                for o in outputs)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_comparison_notebook_on_a_llama_of_odd_sizes(tmp_path):
     """Notebook 04 with odd-llama (hidden 96, 3 KV heads: TP=2 splits them 2 + 1)."""

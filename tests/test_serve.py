@@ -308,6 +308,7 @@ def _graphs(url: str) -> int:
     return int(line.split()[-1])
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)   # the compilation happens before /health answers
 def test_compiled_server_equals_generate_and_never_recompiles(expected):
     """--compile: the forward compiled with dynamic shapes, every graph built before the first
@@ -403,7 +404,7 @@ def test_killed_rank_ends_the_server(tp2_server):
 # ---------------------------------------------------------------------------- notebook
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("model", ["trained", "odd-llama"])
+@pytest.mark.parametrize("model", ["trained", pytest.param("odd-llama", marks=pytest.mark.slow)])
 def test_notebook_06_runs(tmp_path, model):
     from bloomkit import models, notebooks
     from conftest import NOTEBOOKS

@@ -169,6 +169,7 @@ def test_ds_json_errors(tmp_path):
         bloom.read_ds_checkpoint_json(bad)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_tp1_shards_keep_tied_embeddings(tmp_path):
     """TP=1 (no AutoTP): the embedding and lm_head are one tensor, stored once."""
