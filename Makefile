@@ -4,9 +4,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PROFILE ?= cpu-tiny
 PIP_EXTRA ?=
-# pytest-xdist: one file per worker at a time (a module's fixtures are built once); WORKERS=1 runs serially
-WORKERS ?= 2
-PYTEST_WORKERS := $(if $(filter 1,$(WORKERS)),,-n $(WORKERS) --dist loadfile)
+# pytest-xdist: one file per worker at a time (a module's fixtures are built once); TEST_WORKERS=1 runs serially
+TEST_WORKERS ?= 2
+XDIST := $(if $(filter 1,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
 .PHONY: setup setup-legacy run test test-slow test-gpu test-legacy lab clean
 
@@ -19,11 +19,11 @@ setup-legacy:  ## pinned legacy env (.venv-legacy): DeepSpeed's BLOOM kernel inj
 run: setup  ## execute every notebook headless with PROFILE; results under runs/$(PROFILE)/
 	@$(PY) -m bloomkit.notebooks --profile $(PROFILE) --out runs/$(PROFILE)
 
-test: setup  ## the CPU test suite, 2 workers (tests marked slow, gpu or legacy are deselected: see below)
-	@$(PY) -m pytest $(PYTEST_WORKERS) -m "not gpu and not legacy and not slow" --durations=25 tests
+test: setup  ## unit tests, every recipe for real, bad inputs, the HTTP server: CPU, 2 workers
+	@$(PY) -m pytest $(XDIST) -m "not gpu and not legacy and not notebooks and not slow" --durations=25 tests
 
-test-slow: setup  ## the tests marked slow (second models through the notebooks, benchmarks, TP=4, 2 nodes); CI runs them after make test
-	@$(PY) -m pytest $(PYTEST_WORKERS) -m "slow and not gpu and not legacy" --durations=25 tests
+test-slow: setup  ## every notebook through papermill, second models and sizes, benchmarks; CI runs it after make test
+	@$(PY) -m pytest $(XDIST) -m "(notebooks or slow) and not gpu and not legacy" --durations=25 tests
 
 test-gpu: setup  ## tests marked gpu, on a machine with a CUDA GPU
 	@$(PY) -m pytest -m "gpu and not legacy" tests

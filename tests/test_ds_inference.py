@@ -237,16 +237,19 @@ def test_bad_input_on_two_ranks_fails_all_ranks(tmp_path):
     assert not out.exists()
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(200)
 @pytest.mark.parametrize("launcher", ["deepspeed", pytest.param("torchrun", marks=pytest.mark.slow)])
 def test_killed_rank_ends_the_launch(tmp_path, launcher):
+    """Rank 1 SIGKILLs itself before generating (as the kernel's OOM killer would): the launch
+    ends at once, instead of rank 0 waiting in its next all-reduce for the process group's
+    timeout. About 15 s alone, 30 s beside another test file on 2 cores: 100 s is the bound."""
     out = tmp_path / "r.json"
     t0 = time.perf_counter()
     proc = launch.launch(RECIPE, ["--max_new_tokens", "50", "--json_out", str(out)], 2, check=False,
-                         timeout=100, env={dist.KILL_HOOK_ENV: "1"}, launcher=launcher)
+                         timeout=180, env={dist.KILL_HOOK_ENV: "1"}, launcher=launcher)
     elapsed = time.perf_counter() - t0
     assert proc.returncode != 0
-    assert elapsed < 60, elapsed
+    assert elapsed < 100, elapsed
     assert not out.exists()
 
 

@@ -20,6 +20,7 @@ def built():
     nbtools.build(ODD, "tiny", "tiny-llama")
 
 
+@pytest.mark.notebooks
 @pytest.mark.timeout(300)
 def test_accelerate_notebook_runs_and_records(tmp_path):
     """What `make run` does, restricted to notebook 01, with the CI profile (the trained BLOOM)."""
@@ -89,7 +90,7 @@ def test_unknown_profile_and_profile_parameter(tmp_path, monkeypatch):
         notebooks.run_profile("bad", tmp_path / "out", only=["01"])
 
 
-@pytest.mark.slow
+@pytest.mark.notebooks
 @pytest.mark.timeout(240)
 def test_accelerate_notebook_on_odd_llama(tmp_path):
     """Any model: a Llama of odd sizes (no held-out text, so no perplexity), small sweep."""

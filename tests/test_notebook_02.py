@@ -14,6 +14,7 @@ def built():
     nbtools.build(ODD, "tiny", "tiny-llama")
 
 
+@pytest.mark.notebooks
 @pytest.mark.timeout(900)  # about 90 s on a quiet 2-core machine; TP ranks crawl on a busy one
 def test_notebook_02_runs_and_records(tmp_path):
     recs, nb = nbtools.execute(tmp_path, "02_ds_inference_tp", {"MAX_NEW_TOKENS": 8, "CYCLES": 1,
@@ -46,7 +47,7 @@ def test_notebook_02_runs_and_records(tmp_path):
     assert not re.search(r"\b(issues?|anchor|task|goal|note)\b", lesson, re.I)  # words of the project, not the lesson
 
 
-@pytest.mark.slow
+@pytest.mark.notebooks
 @pytest.mark.timeout(900)  # about 90 s on a quiet 2-core machine; TP ranks crawl on a busy one
 def test_tp_notebook_on_odd_llama(tmp_path):
     recs, nb = nbtools.execute(tmp_path, "02_ds_inference_tp", {"MODEL_NAME": ODD, "MAX_NEW_TOKENS": 8, "CYCLES": 1,

@@ -48,6 +48,7 @@ def _common(recs, nb):
     return text
 
 
+@pytest.mark.notebooks
 @pytest.mark.timeout(900)
 def test_notebook_03_trained_quality_and_honest_nvme(tmp_path):
     recs, nb = nbtools.execute(tmp_path, "03_ds_zero_inference", SMALL)
@@ -73,7 +74,7 @@ def test_notebook_03_trained_quality_and_honest_nvme(tmp_path):
     assert "DeepSpeed's async_io op: " in text and " s (" in text
 
 
-@pytest.mark.slow
+@pytest.mark.notebooks
 @pytest.mark.timeout(900)
 def test_zero_notebook_on_odd_llama(tmp_path):
     recs, nb = nbtools.execute(tmp_path, "03_ds_zero_inference", {"MODEL_NAME": ODD, **SMALL})

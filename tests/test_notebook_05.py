@@ -9,8 +9,9 @@ import pytest
 import nbtools
 
 
+@pytest.mark.notebooks
 @pytest.mark.timeout(600)  # about 60 s on a quiet 2-core machine (three cold compilations)
-@pytest.mark.parametrize("model", ["trained", pytest.param(nbtools.ODD, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("model", ["trained", nbtools.ODD])
 def test_notebook_05_compiles_measures_and_records(tmp_path, model):
     if model != "trained":
         nbtools.build(model)   # generated outside the timed notebook

@@ -115,6 +115,7 @@ def test_widget_and_headless_view(capsys):
     assert "BLOOM-176B in int8 on 4 x 80GB" in out and "'ds-inference': (4, 4)" in out
 
 
+@pytest.mark.notebooks
 @pytest.mark.timeout(120)
 def test_notebook_00_runs_headless(tmp_path):
     import json
@@ -163,7 +164,7 @@ def test_blog_oom_batches_are_beyond_what_the_plan_can_count():
         assert r["unexplained_bytes"] > 10e9
 
 
-@pytest.mark.slow
+@pytest.mark.notebooks
 @pytest.mark.timeout(120)
 def test_notebook_00_on_a_llama_of_odd_sizes(tmp_path):
     import nbtools

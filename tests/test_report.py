@@ -87,6 +87,7 @@ def test_html_report_in_headless_chromium(run_dir, tmp_path):
     assert img.getextrema()[1] - img.getextrema()[0] > 100   # something drawn, not blank
 
 
+@pytest.mark.notebooks
 @pytest.mark.timeout(300)
 def test_comparison_notebook_and_report_end_to_end(tmp_path):
     """`make run` restricted to notebook 04 on the CI profile, then the report of that run:
@@ -122,7 +123,7 @@ def test_comparison_notebook_and_report_end_to_end(tmp_path):
                for o in outputs)
 
 
-@pytest.mark.slow
+@pytest.mark.notebooks
 @pytest.mark.timeout(400)
 def test_comparison_notebook_on_a_llama_of_odd_sizes(tmp_path):
     """Notebook 04 with odd-llama (hidden 96, 3 KV heads: TP=2 splits them 2 + 1)."""

@@ -403,8 +403,9 @@ def test_killed_rank_ends_the_server(tp2_server):
 
 # ---------------------------------------------------------------------------- notebook
 
+@pytest.mark.notebooks
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("model", ["trained", pytest.param("odd-llama", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("model", ["trained", "odd-llama"])
 def test_notebook_06_runs(tmp_path, model):
     from bloomkit import models, notebooks
     from conftest import NOTEBOOKS
