@@ -227,7 +227,8 @@ def test_planner_config_of_a_preset_counts_its_real_model(name):
     from bloomkit import models
     from bloomkit.measure import planner
 
+    config = models.load_config(models.resolve_model(name))   # built (real weights) before the meta block
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(models.load_config(models.resolve_model(name)))
+        model = AutoModelForCausalLM.from_config(config)
     assert memory.param_count(planner.config_of(name)) == sum(p.numel() for p in model.parameters())
 

@@ -48,6 +48,28 @@ def test_cache_rebuilds_when_recipe_changes(monkeypatch, tmp_path):
     assert models.preset_path("tiny") != first
 
 
+def test_an_unbuilt_preset_asked_for_under_the_meta_device_is_built_real(monkeypatch, tmp_path):
+    """A fresh cache: ``resolve_model`` called inside ``with torch.device("meta")`` (how one counts
+    parameters) builds real weights; under accelerate's ``init_empty_weights``, which no device
+    context overrides, it refuses in one line and leaves nothing half-built in the cache."""
+    import torch
+    from accelerate import init_empty_weights
+    from safetensors.torch import load_file
+
+    monkeypatch.setenv("BLOOMKIT_CACHE", str(tmp_path))
+    with torch.device("meta"):
+        path = models.resolve_model("tiny-llama")
+    tensors = {k: v for f in path.glob("*.safetensors") for k, v in load_file(f).items()}
+    assert tensors and all(v.device.type == "cpu" and v.abs().sum() > 0 for v in tensors.values())
+
+    with init_empty_weights(), pytest.raises(UserError, match="init_empty_weights") as err:
+        models.resolve_model("tiny")
+    assert "\n" not in str(err.value)
+    assert not models.preset_path("tiny").exists()
+    assert [p.name for p in (tmp_path / "models").iterdir() if not p.name.endswith(".lock")] \
+        == [path.name]
+
+
 def test_greedy_margins_are_clear(tiny_model, tiny_tokenizer):
     """Random models have near-flat logits; ours are initialised so greedy is not a coin toss."""
     gen = harness.generate(tiny_model, tiny_tokenizer, harness.make_prompts(8), 20, return_scores=True)

@@ -27,6 +27,18 @@ def test_every_notebook_takes_the_shared_names(nb):
     assert SHARED <= set(notebooks.parameters_of(nb)), nb.name
 
 
+@pytest.mark.parametrize("nb", NOTEBOOKS, ids=lambda p: p.stem)
+def test_papermill_reads_every_parameter_line(nb, caplog):
+    """papermill infers each parameter's type and help from its line and skips (with a warning
+    during `make run`) any line it cannot parse, e.g. one with a second `=` in its comment."""
+    import papermill
+
+    with caplog.at_level("WARNING", logger="papermill"):
+        found = papermill.inspect_notebook(str(nb))
+    assert not [r.getMessage() for r in caplog.records if "Unable to parse" in r.getMessage()]
+    assert set(found) == set(notebooks.parameters_of(nb)), nb.name
+
+
 @pytest.mark.parametrize("profile", PROFILES)
 def test_profile_shape(profile):
     data = yaml.safe_load((notebooks.PROFILE_DIR / f"{profile}.yaml").read_text())

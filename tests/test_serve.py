@@ -206,6 +206,66 @@ def test_concurrent_requests_each_get_their_own_answer(server, tiny_model, tiny_
     assert "bloomkit_queue_length 0" in m and "bloomkit_time_to_first_token_seconds_count" in m
 
 
+def test_metrics_read_while_the_server_is_under_load(server):
+    """``/metrics`` polled as fast as it answers while 8 clients stream requests: every scrape is
+    a 200 with consistent counts (the scheduler and prefill threads write the metrics the HTTP
+    loop reads; an unlocked read of their deques fails with 'deque mutated during iteration')."""
+    stop, scrapes, failures = threading.Event(), [], []
+
+    def scrape():
+        with httpx.Client(timeout=30) as c:
+            while not stop.is_set():
+                r = c.get(server.url + "/metrics")
+                (scrapes if r.status_code == 200 else failures).append(r.text)
+
+    poller = threading.Thread(target=scrape)
+    poller.start()
+    try:
+        res = loadtest.sweep(server.url, concurrencies=[8], max_tokens=(2, 8), requests=32)
+    finally:
+        stop.set()
+        poller.join()
+    assert res["runs"][0]["errors"] == 0 and res["runs"][0]["mismatches"] == 0
+    assert not failures and len(scrapes) > 10, (len(scrapes), failures[:1])
+    for text in scrapes:
+        count = next(ln for ln in text.splitlines()
+                     if ln.startswith("bloomkit_time_to_first_token_seconds_count"))
+        assert int(count.split()[1]) >= 0
+
+
+def test_metrics_snapshot_is_consistent_under_concurrent_writers():
+    """In-process: two writer threads (like the scheduler and the prefill thread) and a reader
+    taking snapshots; no read fails and the final counts add up."""
+    from bloomkit.serve.scheduler import Metrics
+
+    m, n, errors = Metrics(), 20000, []
+
+    def write(kind):
+        for i in range(n):
+            m.first_token(0.001 * (i % 7)) if kind else m.step(1)
+            m.count("ok")
+
+    def read():
+        try:
+            while any(t.is_alive() for t in writers):
+                snap = m.snapshot()
+                assert len(snap.ttft) <= 1000 and snap.tokens_per_s >= 0
+        except Exception as e:  # noqa: BLE001 - collected for the assert below
+            errors.append(repr(e))
+
+    writers = [threading.Thread(target=write, args=(k,)) for k in (0, 1)]
+    for t in writers:
+        t.start()
+    reader = threading.Thread(target=read)
+    reader.start()
+    for t in writers + [reader]:
+        t.join()
+    snap = m.snapshot()
+    assert not errors, errors[:1]
+    assert snap.steps == snap.tokens_total == n and snap.ttft_count == n
+    assert snap.requests["ok"] == 2 * n and len(snap.ttft) == 1000
+
+
 BAD = [  # (body, status, param)
     ('{"prompt": "x", ', 400, None),                                    # malformed JSON
     ('["x"]', 400, None),                                              # not an object

@@ -249,13 +249,26 @@ def build_model(name: str, out: Path) -> Path:
     tok = build_tokenizer(preset.vocab_size, seed=preset.seed)
     config = family_config(**asdict(preset))
     torch.manual_seed(preset.seed)
-    model = AutoModelForCausalLM.from_config(config).eval()
+    # On the CPU whatever default device the caller is under (``with torch.device("meta")``
+    # to count parameters, ``torch.set_default_device("cuda")``): the saved weights are real.
+    with torch.device("cpu"):
+        model = AutoModelForCausalLM.from_config(config).eval()
+    _require_real_weights(model, name)
     spread_norms(model)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, max_shard_size=preset.max_shard_size, safe_serialization=True)
     _save_tokenizer(tok, out, bloom=preset.family == "bloom")
     (out / "bloomkit_recipe.json").write_text(json.dumps(_recipe(preset), indent=2) + "\n")
     return out
+
+
+def _require_real_weights(model, name: str) -> None:
+    """One line instead of "Cannot copy out of meta tensor" when something the ``torch.device``
+    context cannot override (accelerate's ``init_empty_weights``) left parameters empty."""
+    if any(p.is_meta for p in model.parameters()):
+        raise UserError(f"cannot generate {name!r} here: its weights came out empty (meta), as under "
+                        "accelerate's init_empty_weights(); call bloomkit.models.resolve_model"
+                        f"({name!r}) before entering that block")
 
 
 def _ensure(path: Path, build) -> Path:
@@ -311,6 +324,7 @@ def build_random_bloom(name: str, out: Path, dtype: str = "bf16", init_std: floa
     torch.manual_seed(seed)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = BloomForCausalLM._from_config(config, dtype=torch_dtype(dtype)).eval()
+    _require_real_weights(model, name)
     with torch.no_grad():  # ids the tokenizer lacks get zero embeddings: greedy never picks them
         model.transformer.word_embeddings.weight[RANDOM_TOKENIZER_VOCAB:] = 0
     out.mkdir(parents=True, exist_ok=True)

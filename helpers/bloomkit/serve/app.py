@@ -101,7 +101,7 @@ def parse_messages(body: dict) -> list[dict]:
 
 def metrics_text(engine: Engine) -> str:
     """Prometheus text format: what an operator watches (queue, batch, tokens/s, TTFT)."""
-    m = engine.metrics
+    m = engine.metrics.snapshot()   # one consistent copy, taken under the metrics lock
     lines = []
 
     def metric(name, kind, help_, value, labels=""):
@@ -113,7 +113,7 @@ def metrics_text(engine: Engine) -> str:
            engine.queued)
     metric("bloomkit_running_batch", "gauge", "Rows in the running batch", len(engine.rows))
     metric("bloomkit_tokens_per_second", "gauge",
-           f"Generated tokens per second over the last {m.window_s:g} s", round(m.tokens_per_s(), 3))
+           f"Generated tokens per second over the last {m.window_s:g} s", round(m.tokens_per_s, 3))
     metric("bloomkit_generated_tokens_total", "counter", "Generated tokens", m.tokens_total)
     metric("bloomkit_steps_total", "counter", "Batched forward steps", m.steps)
     metric("bloomkit_compiled_graphs", "gauge", "Graphs torch.compile built in this process (--compile: "
@@ -216,7 +216,7 @@ def create_app(engine: Engine, tokenizer, model_id: str, *, default_max_tokens: 
                     if len(done) < len(ids):
                         req.cancelled = True   # the client went away: free its rows
                     else:
-                        engine.metrics.requests["ok"] += 1
+                        engine.metrics.count("ok")
 
             return StreamingResponse(sse(), media_type="text/event-stream")
 
@@ -239,7 +239,7 @@ def create_app(engine: Engine, tokenizer, model_id: str, *, default_max_tokens: 
         finally:
             if len(finish) < len(ids):
                 req.cancelled = True
-        engine.metrics.requests["ok"] += 1
+        engine.metrics.count("ok")
         return JSONResponse({"id": rid, "object": obj, "created": int(time.time()), "model": model_id,
                              "choices": [choice(i, texts[i], finish[i], False) for i in range(len(ids))],
                              "usage": usage(counts)})

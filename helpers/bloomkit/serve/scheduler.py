@@ -293,8 +293,27 @@ class QueueFull(Exception):
     pass
 
 
+@dataclass(frozen=True)
+class MetricsSnapshot:
+    """One consistent copy of :class:`Metrics`, taken under its lock (what ``/metrics`` prints)."""
+
+    window_s: float
+    tokens_per_s: float
+    tokens_total: int
+    steps: int
+    requests: dict
+    ttft: tuple          # seconds, recent requests, in arrival order
+    ttft_sum: float
+    ttft_count: int
+
+
 class Metrics:
-    """Counters for ``/metrics``: tokens/s over a sliding window, time to first token."""
+    """Counters for ``/metrics``: tokens/s over a sliding window, time to first token.
+
+    The scheduler thread, the prefill thread and the HTTP loop all write here, and ``/metrics``
+    reads while they do: every access goes through ``_lock`` (iterating a deque that another
+    thread appends to raises ``RuntimeError: deque mutated during iteration``).  Readers take
+    :meth:`snapshot`."""
 
     def __init__(self, window_s: float = 10.0):
         self.window_s = window_s
@@ -302,35 +321,41 @@ class Metrics:
         self.requests = {"ok": 0, "cancelled": 0, "timeout": 0, "rejected": 0}
         self._recent: deque = deque()            # (time, tokens) of recent steps
         self.ttft: deque = deque(maxlen=1000)    # seconds, recent requests
-        self.ttft_sum = self.ttft_count = 0.0
+        self.ttft_sum = 0.0
+        self.ttft_count = 0
         self.steps = 0
-        self._lock = threading.Lock()   # the prefill thread counts its first tokens too
+        self._lock = threading.Lock()
 
     def step(self, tokens: int) -> None:
+        now = time.perf_counter()
         with self._lock:
-            self._step(tokens)
+            self.tokens_total += tokens
+            self.steps += 1
+            self._recent.append((now, tokens))
+            while self._recent and self._recent[0][0] < now - self.window_s:
+                self._recent.popleft()
 
-    def _step(self, tokens: int) -> None:
-        now = time.perf_counter()
-        self.tokens_total += tokens
-        self.steps += 1
-        self._recent.append((now, tokens))
-        while self._recent and self._recent[0][0] < now - self.window_s:
-            self._recent.popleft()
-
-    def tokens_per_s(self) -> float:
-        now = time.perf_counter()
-        n = sum(t for at, t in self._recent if at >= now - self.window_s)
-        return n / self.window_s
+    def count(self, outcome: str) -> None:
+        """One more request that ended with ``outcome`` (ok, cancelled, timeout, rejected)."""
+        with self._lock:
+            self.requests[outcome] += 1
 
     def first_token(self, seconds: float) -> None:
         with self._lock:
-            self._first_token(seconds)
+            self.ttft.append(seconds)
+            self.ttft_sum += seconds
+            self.ttft_count += 1
 
-    def _first_token(self, seconds: float) -> None:
-        self.ttft.append(seconds)
-        self.ttft_sum += seconds
-        self.ttft_count += 1
+    def tokens_per_s(self) -> float:
+        return self.snapshot().tokens_per_s
+
+    def snapshot(self) -> MetricsSnapshot:
+        now = time.perf_counter()
+        with self._lock:
+            n = sum(t for at, t in self._recent if at >= now - self.window_s)
+            return MetricsSnapshot(self.window_s, n / self.window_s, self.tokens_total, self.steps,
+                                   dict(self.requests), tuple(self.ttft), self.ttft_sum,
+                                   self.ttft_count)
 
 
 class Engine:
@@ -407,7 +432,7 @@ class Engine:
         """Queue a request (any thread); raises :class:`QueueFull` beyond ``max_queue``."""
         with self._lock:
             if self._queued + len(req.prompts_ids) > self.max_queue:
-                self.metrics.requests["rejected"] += 1
+                self.metrics.count("rejected")
                 raise QueueFull(f"the queue is full ({self.max_queue} waiting rows); retry later")
             self._queued += len(req.prompts_ids)
         self.inbox.put(req)
@@ -503,13 +528,13 @@ class Engine:
     def _count_cancelled(self, req: Request) -> None:
         if not getattr(req, "_counted", False):
             req._counted = True
-            self.metrics.requests["cancelled"] += 1
+            self.metrics.count("cancelled")
 
     def _timeout(self, r: Row) -> None:
         r.finish = "timeout"
         if not getattr(r.req, "_timed_out", False):
             r.req._timed_out = True
-            self.metrics.requests["timeout"] += 1
+            self.metrics.count("timeout")
             r.req.emit(("error", 504, f"the request took longer than the server's "
                                       f"--request_timeout of {self.request_timeout:g} s"))
 
