@@ -95,3 +95,42 @@ def run_recipe_inprocess(recipe: str, argv: list[str], capsys) -> subprocess.Com
         sys.stdout = stdout
     cap = capsys.readouterr()
     return subprocess.CompletedProcess(argv, exc.value.code, cap.out, cap.err)
+
+
+# ---------------------------------------------------------------------------- standalone recipes
+
+def run_standalone(tmp_path: Path, recipe: str, args: list[str], nprocs: int = 1,
+                   launcher: str = "python", timeout: int = 600) -> subprocess.CompletedProcess:
+    """A recipe copied alone into an empty folder and run there, on ``nprocs`` ranks, by a
+    Python in which ``import bloomkit`` fails in every process (a ``sitecustomize`` on
+    ``PYTHONPATH`` sets ``sys.modules["bloomkit"] = None``), as a user who copied the file runs
+    it.  DeepSpeed's ops come prebuilt from this env's build folder (a fresh build takes
+    minutes), and the shared-memory segments of CPU ranks are removed afterwards."""
+    import shutil
+
+    from bloomkit import dsops, launch
+
+    work = tmp_path / "standalone"
+    work.mkdir(exist_ok=True)
+    shutil.copy(ROOT / recipe, work)
+    blocker = tmp_path / "no-bloomkit"
+    blocker.mkdir(exist_ok=True)
+    (blocker / "sitecustomize.py").write_text("import sys\nsys.modules['bloomkit'] = None\n")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(blocker),
+           "TORCH_EXTENSIONS_DIR": str(dsops.build_root()), **launch.cpu_env(nprocs)}
+    port = launch.free_port()
+    cmd = launch.launcher_command(work / Path(recipe).name, args, nprocs, launcher, port=port)
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
+                              cwd=str(work))
+    finally:
+        dsops.remove_shm_buffers(port)
+
+
+def printed_completions(stdout: str) -> list[tuple[str, str]]:
+    """The ``in=...`` / ``out=...`` pairs a standalone recipe prints (the blog's format)."""
+    import ast
+    import re
+
+    return [(ast.literal_eval(p), ast.literal_eval(t))
+            for p, t in re.findall(r"^in=(.*)\nout=(.*)$", stdout, re.M)]

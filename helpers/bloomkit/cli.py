@@ -63,12 +63,10 @@ def dtype_arg(text: str) -> str:
 
 
 def common_parser(description: str) -> Parser:
+    """The package's parser with every shared flag (the server and the TP / ZeRO recipes)."""
     p = Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("shared by every recipe")
-    g.add_argument("--name", default="tiny",
-                   help="model: a preset (tiny, small, bench, tiny-llama, ...), trained (the small "
-                        "BLOOM trained on Python's stdlib), a local HF directory, or a hub id "
-                        "already in the local cache (e.g. bigscience/bloom)")
+    g.add_argument("--name", default="tiny", help=NAME_HELP)
     g.add_argument("--dtype", type=dtype_arg, default=None,
                    help="fp32, bf16, fp16 (CUDA only), int8, or nf4 (4-bit, Accelerate only); "
                         "default fp32 on CPU, bf16 on CUDA")
@@ -81,6 +79,51 @@ def common_parser(description: str) -> Parser:
     g.add_argument("--benchmark", action="store_true",
                    help="time it: one warm-up, then --cycles timed generate calls")
     g.add_argument("--cycles", type=positive_int, default=5, help="timed calls with --benchmark")
+    _package_flags(p)
+    return p
+
+
+NAME_HELP = ("model: a preset (tiny, small, bench, tiny-llama, ...), trained (the small BLOOM trained "
+             "on Python's stdlib), a local HF directory, or a hub id already in the local cache "
+             "(e.g. bigscience/bloom)")
+# A standalone recipe's own flags, checked the package's way once bloomkit is importable.
+_TYPES = {"--dtype": dtype_arg, "--batch_size": batch_sizes, "--max_new_tokens": positive_int,
+          "--cycles": positive_int}
+
+
+def add_package_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """What the package adds to a standalone recipe's own parser (``recipes/*.py`` call it when
+    ``bloomkit`` is importable).
+
+    Args:
+        parser: the recipe's ``argparse`` parser, holding its shared flags (``--name``,
+            ``--dtype``, ``--batch_size``, ...) and its strategy's flags.
+
+    A bad flag then ends in one ``error:`` line (exit 2) instead of argparse's usage dump, the
+    shared flags get the package's checked types, ``--name`` also takes the embedded models,
+    and the package's flags are added: ``--json_out``, ``--verify``, ``--eval_file``,
+    ``--memory_budget``, ``--compile``, ``--device`` (and the launcher's ``--local_rank``).
+
+    Example:
+        >>> import argparse
+        >>> p = argparse.ArgumentParser()
+        >>> _ = p.add_argument("--batch_size", default=[1])
+        >>> add_package_flags(p).parse_args(["--batch_size", "1,8", "--verify"]).batch_size
+        [1, 8]
+    """
+    parser.error = Parser.error.__get__(parser)
+    for action in parser._actions:          # argparse keeps no public list of its actions
+        for opt in action.option_strings:
+            if opt in _TYPES:
+                action.type, action.choices = _TYPES[opt], None
+            if opt == "--name":
+                action.help = NAME_HELP
+    _package_flags(parser)
+    return parser
+
+
+def _package_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("bloomkit (the repository's package)")
     g.add_argument("--json_out", default=None, help="write the result record(s) here (JSON)")
     g.add_argument("--verify", action="store_true",
                    help="also run plain fp32 generate and report token agreement / logit error "
@@ -98,8 +141,8 @@ def common_parser(description: str) -> Parser:
                    help="default: cuda when available, else cpu")
     # `deepspeed script.py` appends --local_rank=K to each rank's command line (unless it is given
     # --no_local_rank); the rank itself is read from LOCAL_RANK, which every launcher sets.
-    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
-    return p
+    if not any("--local_rank" in a.option_strings for a in p._actions):
+        p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
 
 
 def budget_bytes(text: str | None) -> int | None:

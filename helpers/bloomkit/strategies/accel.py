@@ -20,6 +20,7 @@ import logging
 from collections import Counter
 import warnings
 from pathlib import Path
+from typing import Callable
 
 from ..errors import UserError
 
@@ -231,61 +232,55 @@ def unfused_4bit_layers(model) -> list[str]:
 
 def load_model(path: str | Path, dtype: str = "fp32", *, device_map: str = "auto",
                max_memory: dict | None = None, offload_folder: str | Path | None = None,
-               device: str = "cpu"):
+               device: str = "cpu", load: Callable | None = None):
     """Load a checkpoint for inference with accelerate's big-model placement.
 
-    ``dtype``: ``fp32``/``bf16``/``fp16`` weights, or ``int8`` — LLM.int8() through
-    ``BitsAndBytesConfig(load_in_8bit=True)``: linear weights stored in int8 (half of bf16),
-    outlier features kept in 16-bit, compute in fp16/bf16 — or ``nf4`` — QLoRA's 4-bit
-    NormalFloat through ``BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")``:
-    a quarter of bf16 (plus one scale per 64 weights), dequantized to the compute dtype
-    (bf16 on GPU, fp32 on CPU) inside every matmul.
-    ``device_map``: see :func:`plan_device_map`; ``none`` puts the whole model on ``device``.
-    ``max_memory``: per-device caps, e.g. ``{0: "30GiB", "cpu": "100GiB"}``; whatever does
-    not fit goes to the next device, then to CPU, then to ``offload_folder`` on disk.
-    ``offload_folder``: where disk-offloaded weights live (safetensors checkpoints are
-    read in place, other formats are written there as numpy memmaps).
-    """
-    import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    Args:
+        path: a model directory (``from_pretrained`` form).
+        dtype: ``fp32``/``bf16``/``fp16`` weights, or ``int8`` — LLM.int8() through
+            ``BitsAndBytesConfig(load_in_8bit=True)``: linear weights stored in int8 (half of
+            bf16), outlier features kept in 16-bit, compute in fp16/bf16 — or ``nf4`` — QLoRA's
+            4-bit NormalFloat through ``BitsAndBytesConfig(load_in_4bit=True,
+            bnb_4bit_quant_type="nf4")``: a quarter of bf16 (plus one scale per 64 weights),
+            dequantized to the compute dtype (bf16 on GPU, fp32 on CPU) inside every matmul.
+        device_map: see :func:`plan_device_map`; ``none`` puts the whole model on ``device``.
+        max_memory: per-device caps, e.g. ``{0: "30GiB", "cpu": "100GiB"}``; whatever does not
+            fit goes to the next device, then to CPU, then to ``offload_folder`` on disk.
+        offload_folder: where disk-offloaded weights live (safetensors checkpoints are read in
+            place, other formats are written there as numpy memmaps).
+        device: ``cpu`` or ``cuda``: where compute happens (and the compute dtype of int8/nf4).
+        load: ``load(path, dtype, device_map, max_memory, offload_folder, device)`` that makes
+            the ``from_pretrained`` call itself (``recipes/accelerate_inference.py`` passes its
+            own); default :func:`from_pretrained_kwargs` — the same call, tested equal.
 
-    from ..dtypes import torch_dtype
+    Example:
+        >>> from bloomkit import models
+        >>> model = load_model(models.resolve_model("tiny"), "fp32", device_map="auto")
+        >>> sorted(set(model.hf_device_map.values()))
+        ['cpu']
+    """
+    from transformers import AutoModelForCausalLM
 
     _quiet()
     if device_map not in DEVICE_MAPS:
         raise UserError(f"unknown device map {device_map!r}; use one of {', '.join(DEVICE_MAPS)}")
-    kwargs: dict = {}
-    if dtype == "int8":
+    if dtype in ("int8", "nf4"):
         check_int8_backend(device)
-        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
-        kwargs["dtype"] = torch.float16 if device == "cuda" else torch.float32
-    elif dtype == "nf4":
-        check_int8_backend(device)
-        compute = torch.bfloat16 if device == "cuda" else torch.float32
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute)
-        kwargs["dtype"] = compute
-    else:
-        kwargs["dtype"] = torch_dtype(dtype)
-    if device_map == "none":
-        kwargs["device_map"] = {"": device if device == "cpu" else 0}
-    else:
-        kwargs["device_map"] = device_map
-        if device == "cpu" and max_memory and not any(isinstance(k, int) for k in max_memory):
-            # Without GPUs, 'balanced' maps have nothing to balance: place sequentially
-            # over cpu, then disk.
-            kwargs["device_map"] = "sequential" if device_map != "auto" else "auto"
     if max_memory:
+        import torch
+
         gpus = [k for k in max_memory if isinstance(k, int)]
         if gpus and max(gpus) >= torch.cuda.device_count():
             raise UserError(f"--max_memory names GPU {max(gpus)} but {torch.cuda.device_count()} "
                             "GPU(s) are visible; name only visible GPUs (0..N-1) or only cpu")
-        kwargs["max_memory"] = max_memory
     folder = check_offload_folder(offload_folder)
-    if folder is not None:
-        kwargs["offload_folder"] = str(folder)
+    folder = str(folder) if folder is not None else None
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+        if load is not None:
+            model = load(str(path), dtype, device_map, max_memory, folder, device)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(str(path), **from_pretrained_kwargs(
+                dtype, device_map, max_memory, folder, device))
     except ValueError as exc:
         msg = " ".join(str(exc).split())
         if "offload" in msg.lower() or "disk" in msg.lower():
@@ -295,3 +290,54 @@ def load_model(path: str | Path, dtype: str = "fp32", *, device_map: str = "auto
     if dtype == "nf4" and device == "cpu":
         unfused_4bit_layers(model)
     return model.eval()
+
+
+def from_pretrained_kwargs(dtype: str = "fp32", device_map: str = "auto", max_memory: dict | None = None,
+                           offload_folder: str | None = None, device: str = "cpu") -> dict:
+    """The keyword arguments of ``from_pretrained`` for :func:`load_model` (no checks)."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    from ..dtypes import torch_dtype
+
+    kwargs: dict = {"device_map": device_map, "max_memory": max_memory,
+                    "offload_folder": offload_folder}
+    if device_map == "none":
+        kwargs["device_map"] = {"": "cpu" if device == "cpu" else 0}
+    elif device_map != "auto" and device == "cpu" and max_memory and not any(
+            isinstance(k, int) for k in max_memory):
+        # Without GPUs, 'balanced' maps have nothing to balance: place sequentially over cpu,
+        # then disk.
+        kwargs["device_map"] = "sequential"
+    if dtype == "int8":
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+        kwargs["dtype"] = torch.float16 if device == "cuda" else torch.float32
+    elif dtype == "nf4":
+        compute = torch.bfloat16 if device == "cuda" else torch.float32
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute)
+        kwargs["dtype"] = compute
+    else:
+        kwargs["dtype"] = torch_dtype(dtype)
+    return kwargs
+
+
+def run(args, load: Callable | None = None) -> list[dict]:
+    """``recipes/accelerate_inference.py`` inside the repository: the package's checks around
+    the recipe's own ``load`` (see :func:`load_model`), then :func:`bloomkit.measure.bench.run_recipe`
+    (records, ``--verify``, sweeps, ``--compile``)."""
+    from ..measure import bench
+
+    if args.compile and (args.offload_folder or args.max_memory or args.dtype in ("int8", "nf4")):
+        raise UserError("--compile needs the whole model in one device's memory with plain weights; "
+                        "drop --compile, or --max_memory/--offload_folder and int8")
+    max_memory = parse_max_memory(args.max_memory)
+    check_offload_folder(args.offload_folder)
+
+    def load_checked(path, dtype, device):
+        return load_model(path, dtype, device_map=args.device_map, max_memory=max_memory,
+                          offload_folder=args.offload_folder, device=device, load=load)
+
+    options = {"device_map": args.device_map, "max_memory": args.max_memory,
+               "offload_folder": args.offload_folder}
+    return bench.run_recipe(args, strategy="accelerate", load=load_checked, options=options)
