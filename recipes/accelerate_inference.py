@@ -20,6 +20,7 @@ the embedded models (``tiny``, ``trained``, ...), and every bad flag or model fi
 """
 import argparse
 import time
+from collections import Counter
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
@@ -129,6 +130,8 @@ def main(argv=None):
     model = load_model(args.name, dtype, args.device_map, parse_max_memory(args.max_memory),
                        args.offload_folder, device)
     print(f"*** Start to ready to generate: {time.perf_counter() - start:.3f} secs")
+    if hasattr(model, "hf_device_map"):   # set when modules went to more than one device
+        print(f"*** Modules per device: {dict(Counter(map(str, model.hf_device_map.values())))}")
     base = PROMPTS
     if args.prompts_file:
         with open(args.prompts_file, encoding="utf-8") as f:

@@ -65,10 +65,7 @@ def parser():
     g.add_argument("--kv_cache_memory", default=None,
                    help="KV-cache budget per rank, e.g. 2GiB; default: half of the free memory")
     g.add_argument("--served_model_name", default=None, help="the model id of the API (default: --name)")
-    a = p.add_argument_group("accelerate")
-    a.add_argument("--device_map", choices=accel.DEVICE_MAPS, default="auto")
-    a.add_argument("--max_memory", default=None, help="per-device caps, e.g. 0=30GiB,cpu=100GiB")
-    a.add_argument("--offload_folder", default=None, help="directory for disk-offloaded weights")
+    accel.add_flags(p)
     tp.add_flags(p)
     z = p.add_argument_group("ds-zero")
     z.add_argument("--cpu_offload", action="store_true", help="keep the parameters in CPU memory")
@@ -137,15 +134,12 @@ def load(args):
         model, _ = tp.load(args, s)
         return model, s, s["tp_size"]
     if args.strategy == "accelerate":
-        max_memory = accel.parse_max_memory(args.max_memory)
-        accel.check_offload_folder(args.offload_folder)
-        s = cli.prepare(args)
+        setup = accel.prepare(args)
         check_port(args.host, args.port)
-        model = accel.load_model(s["path"], s["dtype"], device_map=args.device_map, max_memory=max_memory,
-                                 offload_folder=args.offload_folder, device=s["device"])
+        model = accel.load(setup)
         if args.compile:
             harness.check_compilable(model)   # offloaded or quantized: one line
-        return model, s, 1
+        return model, {"path": setup.path, "device": setup.device, "dtype": setup.dtype}, 1
     mode = zero.offload_mode(args.cpu_offload, args.nvme_offload_path)
     s = cli.prepare(args)
     device, dtype = s["device"], s["dtype"]

@@ -65,8 +65,10 @@ def test_accelerate_recipe_alone_offloads_to_disk(tmp_path):
     folder = tmp_path / "offload"
     proc = run_standalone(tmp_path, ACCEL, ["--name", str(path), "--batch_size", "2",
                                             "--max_new_tokens", str(N_NEW),
-                                            "--max_memory", "cpu=1MiB", "--offload_folder", str(folder)])
+                                            "--max_memory", "cpu=490KiB", "--offload_folder", str(folder)])
     check_completions(proc, path, [2])
+    placed = next(ln for ln in proc.stdout.splitlines() if ln.startswith("*** Modules per device"))
+    assert "'disk'" in placed and "'cpu'" in placed, placed
 
 
 def test_accelerate_recipe_alone_without_name_is_argparse_error(tmp_path):
@@ -82,7 +84,7 @@ def test_accelerate_recipe_load_equals_the_package_load(dtype, device_map, offlo
     from bloomkit.strategies import accel
 
     path = models.resolve_model("tiny")
-    mm = {"cpu": "1MiB"} if offload else None
+    mm = {"cpu": "490KiB"} if offload else None
     folder = str(tmp_path / "off") if offload else None
     recipe = recipe_module(ACCEL)
     tok = models.load_tokenizer(path)
@@ -90,4 +92,6 @@ def test_accelerate_recipe_load_equals_the_package_load(dtype, device_map, offlo
     ours = recipe.load_model(str(path), dtype, device_map, mm, folder, "cpu")
     theirs = accel.load_model(path, dtype, device_map=device_map, max_memory=mm,
                               offload_folder=folder, device="cpu")
+    if offload:
+        assert "disk" in ours.hf_device_map.values() and "disk" in theirs.hf_device_map.values()
     assert recipe.generate(ours, tok, prompts, N_NEW) == harness.generate(theirs, tok, prompts, N_NEW).texts

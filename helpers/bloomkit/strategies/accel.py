@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -254,10 +255,12 @@ def load_model(path: str | Path, dtype: str = "fp32", *, device_map: str = "auto
             own); default :func:`from_pretrained_kwargs` — the same call, tested equal.
 
     Example:
+        >>> import tempfile
         >>> from bloomkit import models
-        >>> model = load_model(models.resolve_model("tiny"), "fp32", device_map="auto")
+        >>> model = load_model(models.resolve_model("tiny"), "fp32", max_memory={"cpu": "490KiB"},
+        ...                    offload_folder=tempfile.mkdtemp())   # what does not fit goes to disk
         >>> sorted(set(model.hf_device_map.values()))
-        ['cpu']
+        ['cpu', 'disk']
     """
     from transformers import AutoModelForCausalLM
 
@@ -322,22 +325,79 @@ def from_pretrained_kwargs(dtype: str = "fp32", device_map: str = "auto", max_me
     return kwargs
 
 
-def run(args, load: Callable | None = None) -> list[dict]:
-    """``recipes/accelerate_inference.py`` inside the repository: the package's checks around
-    the recipe's own ``load`` (see :func:`load_model`), then :func:`bloomkit.measure.bench.run_recipe`
-    (records, ``--verify``, sweeps, ``--compile``)."""
-    from ..measure import bench
+@dataclass(frozen=True)
+class AccelSetup:
+    """What :func:`prepare` checked and resolved: everything :func:`load` needs."""
 
-    if args.compile and (args.offload_folder or args.max_memory or args.dtype in ("int8", "nf4")):
+    path: Path                       # the model directory
+    device: str                      # cpu / cuda: where compute happens
+    dtype: str                       # fp32 / bf16 / fp16 / int8 / nf4
+    device_map: str = "auto"
+    max_memory: dict | None = None   # parsed: {0: "30GiB", "cpu": "100GiB"}
+    offload_folder: str | None = None
+    base_prompts: list | None = None  # --prompts_file, or the model's own prompts
+    budget: int | None = None        # --memory_budget in bytes
+
+
+def add_flags(parser) -> None:
+    """Accelerate's own flags (the server's ``--strategy accelerate``; the recipe declares the
+    same three itself, so that it runs without the package)."""
+    g = parser.add_argument_group("accelerate")
+    g.add_argument("--device_map", choices=DEVICE_MAPS, default="auto",
+                   help="how modules are placed on GPUs, CPU and disk; balanced_low_0 keeps GPU 0 "
+                        "light for generate; none puts the whole model on one device")
+    g.add_argument("--max_memory", default=None,
+                   help="per-device caps as device=size pairs, e.g. 0=30GiB,1=70GiB,cpu=100GiB")
+    g.add_argument("--offload_folder", default=None,
+                   help="directory for weights that fit neither the GPUs nor --max_memory cpu")
+
+
+def prepare(args) -> AccelSetup:
+    """Check the flags and the model's files, in the order a user should fix them, before
+    anything is loaded.
+
+    Args:
+        args: parsed flags: the shared ones (:func:`bloomkit.cli.common_parser`) and
+            :func:`add_flags`' (``device_map``, ``max_memory``, ``offload_folder``).
+
+    Example:
+        >>> from bloomkit import cli
+        >>> p = cli.common_parser("x"); add_flags(p)
+        >>> setup = prepare(p.parse_args(["--name", "tiny", "--max_memory", "cpu=1GiB"]))
+        >>> setup.max_memory, setup.dtype
+        ({'cpu': '1GiB'}, 'fp32')
+    """
+    from ..cli import prepare as prepare_shared
+
+    if getattr(args, "compile", False) and (args.offload_folder or args.max_memory
+                                            or args.dtype in ("int8", "nf4")):
         raise UserError("--compile needs the whole model in one device's memory with plain weights; "
                         "drop --compile, or --max_memory/--offload_folder and int8")
     max_memory = parse_max_memory(args.max_memory)
     check_offload_folder(args.offload_folder)
+    s = prepare_shared(args)
+    return AccelSetup(path=Path(s["path"]), device=s["device"], dtype=s["dtype"],
+                      device_map=args.device_map, max_memory=max_memory,
+                      offload_folder=args.offload_folder, base_prompts=s["base_prompts"],
+                      budget=s["budget"])
 
-    def load_checked(path, dtype, device):
-        return load_model(path, dtype, device_map=args.device_map, max_memory=max_memory,
-                          offload_folder=args.offload_folder, device=device, load=load)
 
+def load(setup: AccelSetup, load_fn: Callable | None = None):
+    """The model :func:`prepare` planned, through :func:`load_model` (``load_fn``: a recipe's
+    own ``from_pretrained`` call, see there)."""
+    return load_model(setup.path, setup.dtype, device_map=setup.device_map,
+                      max_memory=setup.max_memory, offload_folder=setup.offload_folder,
+                      device=setup.device, load=load_fn)
+
+
+def run(args, load_fn: Callable | None = None) -> list[dict]:
+    """``recipes/accelerate_inference.py`` inside the repository: :func:`prepare`, then
+    :func:`bloomkit.measure.bench.run_recipe` (records, ``--verify``, sweeps, ``--compile``)
+    loading through the recipe's own ``load_fn`` wrapped in the package's checks."""
+    from ..measure import bench
+
+    setup = prepare(args)
     options = {"device_map": args.device_map, "max_memory": args.max_memory,
                "offload_folder": args.offload_folder}
-    return bench.run_recipe(args, strategy="accelerate", load=load_checked, options=options)
+    return bench.run_recipe(args, strategy="accelerate", options=options,
+                            load=lambda path, dtype, device: load(setup, load_fn))
