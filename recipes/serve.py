@@ -67,13 +67,7 @@ def parser():
     g.add_argument("--served_model_name", default=None, help="the model id of the API (default: --name)")
     accel.add_flags(p)
     tp.add_flags(p)
-    z = p.add_argument_group("ds-zero")
-    z.add_argument("--cpu_offload", action="store_true", help="keep the parameters in CPU memory")
-    z.add_argument("--nvme_offload_path", default=None, help="keep the parameters in swap files here")
-    z.add_argument("--quant_bits", type=int, choices=zero.QUANT_BITS, default=None)
-    z.add_argument("--quant_group_size", type=cli.positive_int, default=None)
-    z.add_argument("--aio_buffer_count", type=cli.positive_int, default=zero.DEFAULT_BUFFER_COUNT)
-    z.add_argument("--kv_offload", action="store_true", help=argparse.SUPPRESS)
+    zero.add_flags(p, kv_offload=False)   # declared (check_flags refuses it), not listed
     # --batch_size: the most rows in the running batch; --max_new_tokens: a request's default
     # max_tokens (OpenAI's 16) when it names none
     p.set_defaults(batch_size=[32], max_new_tokens=16)
@@ -121,44 +115,29 @@ def check_port(host: str, port: int) -> None:
 
 
 def load(args):
-    """(model, settings, ranks sharing the cache's heads) by the strategy's own load path."""
+    """(model, its strategy's setup, ranks sharing the cache's heads) by the strategy's own
+    ``prepare`` and ``load``; every setup names the model's ``path``, ``device`` and ``dtype``."""
     if args.strategy == "ds-inference":
         tp._quiet_rank()
-        s = tp.check_cli(args)
+        setup = tp.prepare(args)
         if dist.rank() == 0:
             check_port(args.host, args.port)
-        dist.setup_distributed(s["device"], args.comm_timeout)
+        dist.setup_distributed(setup.device, args.comm_timeout)
         if args.compile:
             tp.compile_safe_all_reduce()   # the all-reduces inside the compiled graph
-        tp.warm_imports(s["config"])
-        model, _ = tp.load(args, s)
-        return model, s, s["tp_size"]
+        tp.warm_imports(setup.config)
+        model, _ = tp.load(args, setup)
+        return model, setup, setup.tp_size
     if args.strategy == "accelerate":
         setup = accel.prepare(args)
         check_port(args.host, args.port)
         model = accel.load(setup)
         if args.compile:
             harness.check_compilable(model)   # offloaded or quantized: one line
-        return model, {"path": setup.path, "device": setup.device, "dtype": setup.dtype}, 1
-    mode = zero.offload_mode(args.cpu_offload, args.nvme_offload_path)
-    s = cli.prepare(args)
-    device, dtype = s["device"], s["dtype"]
-    quant_bits = args.quant_bits or (8 if dtype == "int8" else None)
-    compute = ("bf16" if device == "cuda" else "fp32") if dtype == "int8" else dtype
-    config = models.load_config(s["path"])
-    group = zero.quant_group_size(config, args.quant_group_size) if quant_bits else None
-    rank, world = zero.dist_env(device)
-    check_port(args.host, args.port + rank)
-    plan = None
-    if mode == "nvme":
-        plan = zero.plan_nvme_buffers(config, compute, world, args.aio_buffer_count)
-        zero.check_nvme_path(args.nvme_offload_path, memory.weight_bytes(config, compute))
-        zero.check_async_io()
-    rank, world = zero.init_distributed(device)
-    ds = zero.ds_config(config.hidden_size, dtype=compute, offload=mode, nvme_path=args.nvme_offload_path,
-                        world_size=world, buffers=plan, quant_bits=quant_bits, quant_group_size=group or 64)
-    s["dtype"] = compute
-    return zero.load_model(s["path"], compute, ds, device), s, 1
+        return model, setup, 1
+    # ZeRO-3: the recipe's set-up; each rank checks its own port before the process group starts
+    setup = zero.prepare(args, extra_check=lambda rank: check_port(args.host, args.port + rank))
+    return zero.load(setup), setup, 1
 
 
 def kv_budget(args, device: str) -> int:
@@ -192,19 +171,19 @@ def main(argv=None):
     from bloomkit.serve import app as serve_app
     from bloomkit.serve import ranks
 
-    model, s, kv_share = load(args)
-    tok = models.load_tokenizer(s["path"])
-    config = models.load_config(s["path"])
+    model, setup, kv_share = load(args)
+    tok = models.load_tokenizer(setup.path)
+    config = models.load_config(setup.path)
     world, rank = dist.world_size(), dist.rank()
-    refusal = scheduler.overlap_refusal(model, device=s["device"], ranks=world, compile=args.compile)
+    refusal = scheduler.overlap_refusal(model, device=setup.device, ranks=world, compile=args.compile)
     if args.overlap_prefill and refusal:
         raise UserError(f"--overlap_prefill: {refusal}; drop it")
     overlap = refusal is None if args.overlap_prefill is None else args.overlap_prefill
     engine = scheduler.Engine(
         model, tok, max_batch=args.batch_size[0], max_queue=args.max_queue,
         request_timeout=args.request_timeout,
-        kv_bytes_per_token=max(1, memory.kv_cache_bytes_per_token(config, s["dtype"]) // kv_share),
-        kv_budget_bytes=kv_budget(args, s["device"]), context_limit=checkpoint.context_limit(config),
+        kv_bytes_per_token=max(1, memory.kv_cache_bytes_per_token(config, setup.dtype) // kv_share),
+        kv_budget_bytes=kv_budget(args, setup.device), context_limit=checkpoint.context_limit(config),
         max_prefill_tokens=args.max_prefill_tokens, max_decode_skips=args.max_decode_skips,
         device=harness.input_device(model), compile=args.compile, overlap_prefill=overlap,
         sync=None if world == 1 else ranks.Lockstep() if args.strategy == "ds-zero" else ranks.Broadcast())
@@ -219,7 +198,7 @@ def main(argv=None):
     port = args.port + (rank if args.strategy == "ds-zero" else 0)
     model_id = args.served_model_name or args.name
     app = serve_app.create_app(engine, tok, model_id, default_max_tokens=args.max_new_tokens)
-    banner = (f"serving {model_id} ({args.strategy}, {s['dtype']}, {world} rank(s), rank {rank}"
+    banner = (f"serving {model_id} ({args.strategy}, {setup.dtype}, {world} rank(s), rank {rank}"
               f"{', prefill overlapped' if overlap else ''}) on "
               f"http://{args.host}:{port}")
     code = serve_app.serve(app, engine, args.host, port, banner=banner)

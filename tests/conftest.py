@@ -105,7 +105,8 @@ def run_standalone(tmp_path: Path, recipe: str, args: list[str], nprocs: int = 1
     Python in which ``import bloomkit`` fails in every process (a ``sitecustomize`` on
     ``PYTHONPATH`` sets ``sys.modules["bloomkit"] = None``), as a user who copied the file runs
     it.  DeepSpeed's ops come prebuilt from this env's build folder (a fresh build takes
-    minutes), and the shared-memory segments of CPU ranks are removed afterwards."""
+    minutes); the shared-memory segments CPU ranks left behind are listed as
+    ``proc.leftover_shm``, then removed."""
     import shutil
 
     from bloomkit import dsops, launch
@@ -121,8 +122,10 @@ def run_standalone(tmp_path: Path, recipe: str, args: list[str], nprocs: int = 1
     port = launch.free_port()
     cmd = launch.launcher_command(work / Path(recipe).name, args, nprocs, launcher, port=port)
     try:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
                               cwd=str(work))
+        proc.leftover_shm = dsops.shm_buffers(port)   # what the recipe itself failed to free
+        return proc
     finally:
         dsops.remove_shm_buffers(port)
 

@@ -6,17 +6,14 @@ rank's shards as int8; bad input is one line; a killed rank ends the launch; two
 loopback (torchrun --nnodes, deepspeed --hostfile --no_ssh); the notebook runs.
 """
 import json
-import os
-import subprocess
-import sys
 import time
 
 import pytest
 
 from bloomkit import dist, launch
 from bloomkit.measure import bench, harness, quality
-from bloomkit.strategies import autotp, bloom, tp
-from conftest import ROOT, assert_one_line_error, run_recipe_inprocess, run_script
+from bloomkit.strategies import autotp, bloom
+from conftest import assert_one_line_error, run_recipe_inprocess
 
 RECIPE = "recipes/ds_inference.py"
 N_NEW = 12

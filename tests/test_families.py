@@ -7,8 +7,6 @@ under the ``deepspeed`` launcher on two CPU ranks — including ``odd-llama``, w
 split unevenly (2 + 1).  GPT-2 is a model DeepSpeed's AutoTP refuses: one line, no traceback.
 """
 import json
-import os
-import sys
 
 import pytest
 

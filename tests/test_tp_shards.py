@@ -150,7 +150,6 @@ def test_ds_checkpoint_checks_for_kernel_injection(tmp_path, tiny_path):
     bloom.check_ds_checkpoint(flat, tp_size=2, engine="autotp")
     with pytest.raises(UserError, match="torch.load.*--kernel_inject off"):
         bloom.check_ds_checkpoint(flat, tp_size=2, engine="kernel-inject")
-    from bloomkit.strategies import tp
 
     assert bloom.choose_engine("auto", "cpu", "fp32", flat) == "autotp"
     with pytest.raises(UserError, match="can torch.load .*not model"):
@@ -187,7 +186,6 @@ def test_plain_tensor_attributes_join_the_state_dict():
     registered as a buffer it is saved in the shard and loaded back (it was NaN before)."""
     import torch
 
-    from bloomkit.strategies import tp
 
     class Legacy(torch.nn.Module):  # the shape of DeepSpeed 0.15's LinearLayer(weight, bias=tensor)
         def __init__(self):

@@ -31,7 +31,6 @@ import argparse
 import asyncio
 import json
 import random
-import statistics
 import sys
 import time
 from urllib.parse import urlparse

@@ -130,6 +130,26 @@ def plan_device_map(config, max_memory: dict, dtype: str = "bf16", device_map: s
 
     GPU indices in ``max_memory`` need not exist on this machine: the plan is pure
     arithmetic over module sizes, so you can plan BLOOM-176B on 8x80GB from a laptop.
+
+    Args:
+        config: the model's config (``AutoConfig.from_pretrained``, or
+            :func:`bloomkit.models.bloom_config`): shapes only, no weights are read.
+        max_memory: per-device caps, ``{0: "80GiB", ..., "cpu": "500GiB"}``; what fits on
+            no GPU goes to ``cpu``, then ``disk``. Leave room on each GPU for the KV cache and
+            activations, which the map does not count.
+        dtype: the weights' dtype: bf16 halves every module's size against fp32.
+        device_map: ``auto`` / ``balanced`` / ``balanced_low_0`` / ``sequential``.
+
+    Returns:
+        ``{module name: device}``, the form ``from_pretrained(device_map=...)`` takes.
+
+    Example:
+        >>> from collections import Counter
+        >>> from bloomkit import models
+        >>> plan = plan_device_map(models.bloom_config("bloom"), {i: "80GiB" for i in range(8)},
+        ...                        "bf16", "balanced_low_0")
+        >>> 0 in Counter(plan.values())     # GPU 0 kept free for generate's logits and inputs
+        False
     """
     from accelerate import infer_auto_device_map
     from accelerate.utils import get_balanced_memory

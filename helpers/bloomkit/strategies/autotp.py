@@ -127,11 +127,36 @@ def meta_model(config, dtype: str, engine: str = "autotp"):
 
 def init_engine(model, *, tp_size: int, dtype: str, engine: str, checkpoint=None, base_dir=None,
                 save_dir=None):
-    """``deepspeed.init_inference`` with TP; returns the DeepSpeed engine.
+    """``deepspeed.init_inference`` with TP, plus the fix-ups today's DeepSpeed and transformers
+    need; returns the DeepSpeed engine (the rank's model is ``engine.module``).
 
-    ``checkpoint``: DeepSpeed's checkpoint json, read by DeepSpeed onto a ``meta`` ``model``.
-    ``save_dir`` (kernel injection): DeepSpeed writes its pre-sharded files there
-    (``save_mp_checkpoint_path``: ``ds_inference_config.json``, ``tp_RR_PP.pt``, ``non-tp.pt``)."""
+    Args:
+        model: the whole model (read by :func:`load_full`), or a ``meta`` skeleton
+            (:func:`meta_model`) that ``checkpoint`` fills.
+        tp_size: ranks sharing each layer (the launched ranks; the process group is up).
+        dtype: ``fp32``/``bf16``/``fp16``, or ``int8``: DeepSpeed's ``dtype=torch.int8`` under
+            kernel injection, else built in :func:`compute_dtype` and quantized afterwards
+            (:func:`bloomkit.strategies.tp_int8.quantize_tp_linears`).
+        engine: ``autotp`` (``replace_with_kernel_inject=False``) or ``kernel-inject``.
+        checkpoint: DeepSpeed's checkpoint json, read by DeepSpeed onto a ``meta`` ``model``
+            (``base_dir``: where its files are).
+        save_dir: kernel injection only: DeepSpeed writes its pre-sharded files there
+            (``save_mp_checkpoint_path``: ``ds_inference_config.json``, ``tp_RR_PP.pt``, ``non-tp.pt``).
+
+    Fix-ups: buffers computed at construction (RoPE's ``inv_freq``) keep their values and fp32
+    (DeepSpeed casts them to ``dtype``, or leaves a ``meta`` model's uninitialised); plain tensor
+    attributes join the ``state_dict`` (:func:`register_plain_tensors`); BLOOM at TP > 1 always
+    gets an attention mask (:func:`bloomkit.strategies.bloom.keep_alibi_sharded`).
+    ``recipes/ds_inference.py``'s ``load_model`` makes the same calls for a full load.
+
+    Example:
+        >>> import os; _ = os.environ.setdefault("DS_ACCELERATOR", "cpu")  # CPU: say so, quietly
+        >>> from bloomkit import models
+        >>> path = models.resolve_model("tiny")
+        >>> eng = init_engine(load_full(path, "fp32"), tp_size=1, dtype="fp32", engine="autotp")
+        >>> type(eng.module).__name__
+        'BloomForCausalLM'
+    """
     import deepspeed
     import torch
 
@@ -147,9 +172,9 @@ def init_engine(model, *, tp_size: int, dtype: str, engine: str, checkpoint=None
             kw["base_dir"] = str(base_dir)
     if save_dir is not None:
         kw["save_mp_checkpoint_path"] = str(save_dir)
-    # DeepSpeed re-allocates a meta-device model with ``to_empty``, which leaves buffers that no
-    # checkpoint holds (RoPE's inv_freq, computed at construction) as uninitialised memory:
-    # keep them and put them back
+    # Buffers that no checkpoint holds (RoPE's inv_freq, computed at construction in fp32):
+    # DeepSpeed casts them to ``dtype`` (bf16 rounds them) and re-allocates a meta-device model
+    # with ``to_empty``, which leaves them uninitialised: keep them and put them back
     computed = {(mod_name, key): buf.detach().clone() for mod_name, mod in model.named_modules()
                 for key, buf in mod._buffers.items()
                 if buf is not None and key in mod._non_persistent_buffers_set and not buf.is_meta}
@@ -184,11 +209,24 @@ def register_plain_tensors(model) -> list[str]:
     return names
 
 
-def tp_model(path, dtype: str, *, tp_size: int, engine: str, save_dir=None):
-    """Full load + ``init_inference``: the TP-sharded model of this rank (int8 quantized)."""
-    eng = init_engine(load_full(path, dtype, engine), tp_size=tp_size, dtype=dtype, engine=engine,
-                      save_dir=save_dir)
-    model = eng.module
+def tp_model(path, dtype: str, *, tp_size: int, engine: str, save_dir=None, load=None):
+    """Full load + ``init_inference``: the TP-sharded model of this rank (int8 quantized).
+
+    ``load(path, dtype, tp_size, kernel_inject, **init_kwargs)``, when given, makes the
+    ``from_pretrained`` + ``init_inference`` calls and returns ``engine.module`` (the recipe's
+    ``load_model``); it gets the dtype to build in (``bf16`` for int8 AutoTP, quantized here
+    afterwards) and ``save_mp_checkpoint_path`` when DeepSpeed writes its shards.
+    Default: :func:`load_full` + :func:`init_engine`, the same calls (tested equal)."""
+    if load is not None:
+        if dtype == "int8" and engine == "kernel-inject":   # bloom.choose_engine routes it so
+            raise UserError("DeepSpeed's int8 kernels load from its pre-sharded files: "
+                            + bloom.KERNEL_INT8_ROUTE)
+        kw = {"save_mp_checkpoint_path": str(save_dir)} if save_dir is not None else {}
+        model = load(str(path), compute_dtype(dtype, engine), tp_size, engine == "kernel-inject", **kw)
+        register_plain_tensors(model)   # DeepSpeed 0.15's plain-tensor bias into the shards
+    else:
+        model = init_engine(load_full(path, dtype, engine), tp_size=tp_size, dtype=dtype,
+                            engine=engine, save_dir=save_dir).module
     if dtype == "int8" and engine == "autotp":
         tp_int8.quantize_tp_linears(model)
     return model

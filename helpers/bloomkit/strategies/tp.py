@@ -3,15 +3,19 @@
 The recipe's flow, for any causal LM that DeepSpeed's AutoTP knows: check the flags and the
 model before anything is loaded, start the process group, load this rank's slice (from the
 full checkpoint, from pre-sharded files, or from DeepSpeed's checkpoint json), describe what
-each rank holds, then generate or benchmark on every rank and verify on rank 0.  How the
-model is cut lives in :mod:`~bloomkit.strategies.autotp`, int8 in
+each rank holds, then generate or benchmark on every rank and verify on rank 0:
+:func:`prepare` (the checks; a :class:`TPSetup`), :func:`load` (the full checkpoint through
+``recipes/ds_inference.py``'s own ``load_model`` when :func:`run` is handed it) and :func:`run`.
+How the model is cut lives in :mod:`~bloomkit.strategies.autotp`, int8 in
 :mod:`~bloomkit.strategies.tp_int8`, pre-sharding in :mod:`~bloomkit.strategies.tp_shards`,
 and what only BLOOM needs (ALiBi, the fused-kernel route) in :mod:`~bloomkit.strategies.bloom`.
 """
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 from .. import dist
 from ..dist import barrier, broadcast, gather, is_main, rank, world_size
@@ -44,13 +48,21 @@ def verify(records, model, tok, path, max_new_tokens: int, base_prompts=None, te
 
 
 def add_flags(parser) -> None:
-    """The strategy's own flags, added to :func:`bloomkit.cli.common_parser`."""
-    g = parser.add_argument_group("ds-inference (tensor parallelism)")
+    """The strategy's own flags, added to :func:`bloomkit.cli.common_parser` (``recipes/serve.py``):
+    ``--kernel_inject`` and :func:`add_package_flags`."""
+    parser.add_argument_group("ds-inference (tensor parallelism)").add_argument(
+        "--kernel_inject", choices=bloom.KERNEL_INJECT, default="auto",
+        help="on: DeepSpeed's fused CUDA kernels (legacy env + CUDA only); off: AutoTP; "
+             "auto: kernel injection where it works, else AutoTP")
+    add_package_flags(parser)
+
+
+def add_package_flags(parser) -> None:
+    """TP's flags that only the package implements, added to ``recipes/ds_inference.py``'s own
+    parser (which has ``--kernel_inject``) when ``bloomkit`` is importable."""
+    g = parser.add_argument_group("ds-inference with bloomkit (tensor parallelism)")
     g.add_argument("--tp_size", type=int, default=None,
                    help="tensor-parallel degree; default: the number of launched ranks")
-    g.add_argument("--kernel_inject", choices=bloom.KERNEL_INJECT, default="auto",
-                   help="on: DeepSpeed's fused CUDA kernels (legacy env + CUDA only); off: AutoTP; "
-                        "auto: kernel injection where it works, else AutoTP")
     g.add_argument("--save_shards", default=None, metavar="DIR",
                    help="write each rank's TP shard (safetensors) to DIR once (then run as usual); "
                         "under kernel injection DeepSpeed's own pre-sharded files (load them with "
@@ -66,9 +78,44 @@ def add_flags(parser) -> None:
                    help="seconds a collective may wait for a silent rank before failing")
 
 
-def check_cli(args) -> dict:
-    """Every check that needs no process group, in the order a user should fix them."""
-    from ..cli import prepare
+@dataclass
+class TPSetup:
+    """One TP launch's settings, resolved and checked by :func:`prepare` (the same on every rank)."""
+
+    device: str                      #: ``cpu`` or ``cuda``
+    dtype: str                       #: ``fp32``, ``bf16``, ``fp16`` or ``int8``
+    path: Path                       #: the model directory loaded (the shard folder with --load_shards)
+    label: str                       #: the model's name in records (--name, or the shards' source)
+    ref_path: Path                   #: the unsharded model that --verify compares with
+    base_prompts: list[str] | None   #: the prompts rows repeat (None: the blog's 8)
+    budget: int | None               #: --memory_budget in bytes
+    tp_size: int                     #: ranks that share each layer
+    engine: str                      #: ``autotp`` or ``kernel-inject``
+    config: Any                      #: the model's transformers ``PretrainedConfig``
+    ds: dict | None = None           #: the parsed --ds_checkpoint (:func:`bloom.read_ds_checkpoint_json`)
+
+
+def prepare(args) -> TPSetup:
+    """Every check that needs no process group, in the order a user should fix them; nothing
+    is loaded yet, so each rank refuses a bad launch in one line before any rank waits.
+
+    Args:
+        args: the recipe's parsed flags (``--name --dtype --batch_size ... --kernel_inject
+            --tp_size --save_shards --load_shards --ds_checkpoint --allow_pickle`` and the
+            package's ``--verify --json_out --compile --device ...``).  With ``--load_shards``,
+            ``args.name`` becomes the shard folder.
+
+    Returns:
+        the resolved :class:`TPSetup`; raises :class:`~bloomkit.errors.UserError` naming the fix.
+
+    Example:
+        >>> from bloomkit import cli
+        >>> p = cli.common_parser("tp"); add_flags(p)
+        >>> s = prepare(p.parse_args(["--name", "tiny"]))   # one process: TP=1
+        >>> (s.tp_size, s.engine, s.dtype)
+        (1, 'autotp', 'fp32')
+    """
+    from .. import cli
     from ..models import load_config
     from . import tp_shards
 
@@ -86,42 +133,41 @@ def check_cli(args) -> dict:
         index = tp_shards.read_index(args.load_shards)
         source = index.get("source")
         args.name = str(Path(args.load_shards).expanduser())
-    s = prepare(args)  # device, dtype (fp16 on CPU is an error), prompts, json_out, model dir
-    s["label"] = source or args.name
-    s["ref_path"] = s["path"]
+    shared = cli.prepare(args)  # device, dtype (fp16 on CPU is an error), prompts, json_out, model dir
+    device, dtype = shared["device"], shared["dtype"]
+    ref_path = shared["path"]
     if args.load_shards and args.verify:  # the fp32 reference needs the unsharded model
         from ..models import resolve_model
 
         try:
-            s["ref_path"] = resolve_model(index.get("source_path") or source)
+            ref_path = resolve_model(index.get("source_path") or source)
         except UserError:
             raise UserError(f"--verify compares with the unsharded model {source!r}, which is not "
                             "here; drop --verify or make the original model available") from None
-    config = load_config(s["path"])
+    config = load_config(shared["path"])
     tp_size = args.tp_size or world_size()
-    autotp.check_tp(config, tp_size, world_size(), s["device"])
-    s["ds"] = None
+    autotp.check_tp(config, tp_size, world_size(), device)
+    ds = None
     if args.ds_checkpoint:
-        s["ds"] = bloom.read_ds_checkpoint_json(args.ds_checkpoint,
-                                                    allow_pickle=args.allow_pickle)
-    engine = bloom.choose_engine(args.kernel_inject, s["device"], s["dtype"], s["ds"],
+        ds = bloom.read_ds_checkpoint_json(args.ds_checkpoint, allow_pickle=args.allow_pickle)
+    engine = bloom.choose_engine(args.kernel_inject, device, dtype, ds,
                                  model_type=getattr(config, "model_type", "?"))
     if engine == "autotp":
         autotp.check_supported(config)
-    if s["dtype"] == "int8":
-        tp_int8.check_int8(s["device"], engine)
+    if dtype == "int8":
+        tp_int8.check_int8(device, engine)
     if args.load_shards:
-        tp_shards.check_shards(args.load_shards, tp_size=tp_size, dtype=s["dtype"], engine=engine)
-    if s["ds"] is not None:
-        bloom.check_ds_checkpoint(s["ds"], tp_size=tp_size, engine=engine)
+        tp_shards.check_shards(args.load_shards, tp_size=tp_size, dtype=dtype, engine=engine)
+    if ds is not None:
+        bloom.check_ds_checkpoint(ds, tp_size=tp_size, engine=engine)
     if args.save_shards and engine == "kernel-inject":
         if args.ds_checkpoint:
             raise UserError("--ds_checkpoint is already DeepSpeed's pre-sharded format; drop "
                             "--save_shards (or use --kernel_inject off to write bloomkit shards)")
-        if s["dtype"] == "int8":
+        if dtype == "int8":
             raise UserError("under kernel injection --save_shards writes DeepSpeed's fp16 files and "
                             f"int8 is quantized while reading them: {bloom.KERNEL_INT8_ROUTE}")
-    if args.compile and s["dtype"] == "int8":
+    if args.compile and dtype == "int8":
         raise UserError("--compile under tensor parallelism takes plain weights (fp32/bf16/fp16); "
                         "int8 slices run eagerly: drop --compile or --dtype int8")
     if args.compile and engine == "kernel-inject":
@@ -129,8 +175,10 @@ def check_cli(args) -> dict:
                         "kernels are already one launch per block and are not traceable")
     if args.save_shards:
         tp_shards.prepare_dir(args.save_shards)
-    s.update(tp_size=tp_size, engine=engine, config=config)
-    return s
+    return TPSetup(device=device, dtype=dtype, path=shared["path"],
+                   label=source or args.name, ref_path=ref_path,
+                   base_prompts=shared["base_prompts"], budget=shared["budget"],
+                   tp_size=tp_size, engine=engine, config=config, ds=ds)
 
 
 def _quiet_rank() -> None:
@@ -147,19 +195,39 @@ def _quiet_rank() -> None:
         sys.stdout = open(os.devnull, "w")
 
 
-def load(args, s: dict):
-    """This rank's TP model from the source the flags name (full checkpoint, bloomkit shards
-    or DeepSpeed's json)."""
+def load(args, setup: TPSetup, load: Callable | None = None):
+    """This rank's TP model from the source the flags name.
+
+    Args:
+        args: the parsed flags (``--load_shards`` and ``--save_shards`` are read here).
+        setup: what :func:`prepare` resolved (dtype, TP size, engine, the parsed --ds_checkpoint).
+        load: for the full checkpoint, ``load(path, dtype, tp_size, kernel_inject, **init_kwargs)``
+            making the ``from_pretrained`` + ``deepspeed.init_inference`` calls itself
+            (``recipes/ds_inference.py`` passes its ``load_model``; see :func:`autotp.tp_model`);
+            default: the package's own, :func:`autotp.load_full` + :func:`autotp.init_engine`.
+
+    Returns:
+        ``(model, source)``: the rank's model (``engine.module``, int8-quantized for ``--dtype
+        int8`` under AutoTP) and where it came from: ``full``, ``shards`` or ``ds_checkpoint``.
+
+    Example (one process, TP=1)::
+
+        setup = prepare(args)
+        model, source = load(args, setup)       # source == "full"
+    """
     from . import tp_shards
 
-    kw = dict(dtype=s["dtype"], tp_size=s["tp_size"], engine=s["engine"])
+    kw = dict(dtype=setup.dtype, tp_size=setup.tp_size, engine=setup.engine)
     if args.load_shards:
-        return tp_shards.load_rank_shard(args.load_shards, device=s["device"], **kw), "shards"
-    if s["ds"] is not None:
-        return tp_shards.load_ds_checkpoint(s["ds"], s["config"], **kw), "ds_checkpoint"
+        return tp_shards.load_rank_shard(args.load_shards, device=setup.device, **kw), "shards"
+    if setup.ds is not None:
+        return tp_shards.load_ds_checkpoint(setup.ds, setup.config, **kw), "ds_checkpoint"
     # kernel injection: DeepSpeed writes its own pre-sharded files while it cuts the model
-    save_dir = args.save_shards if s["engine"] == "kernel-inject" else None
-    return autotp.tp_model(s["path"], save_dir=save_dir, **kw), "full"
+    save_dir = args.save_shards if setup.engine == "kernel-inject" else None
+    return autotp.tp_model(setup.path, save_dir=save_dir, load=load, **kw), "full"
+
+
+_load = load  # for run(), whose parameter `load` is the recipe's function
 
 
 def warm_imports(config) -> None:
@@ -183,42 +251,44 @@ def warm_imports(config) -> None:
     AutoModelForCausalLM._model_mapping[type(config)]
 
 
-def run(args) -> list[dict]:
-    """The recipe: check, start the process group, load (timed), describe, generate or
-    benchmark on every rank, verify; rank 0 prints and writes ``--json_out``."""
+def run(args, load: Callable | None = None) -> list[dict]:
+    """``recipes/ds_inference.py`` inside the repository: check (:func:`prepare`), start the
+    process group, load (timed; the full checkpoint through the recipe's own ``load``, see
+    :func:`load`), describe, generate or benchmark on every rank, verify; rank 0 prints and
+    writes ``--json_out``."""
     from .. import cli, results
     from ..measure import bench, harness
     from . import tp_shards
 
     _quiet_rank()
-    s = check_cli(args)
-    dist.setup_distributed(s["device"], args.comm_timeout)
+    s = prepare(args)
+    dist.setup_distributed(s.device, args.comm_timeout)
     if args.compile:
         compile_safe_all_reduce()
-    warm_imports(s["config"])
+    warm_imports(s.config)
     barrier()  # every rank starts the load clock together: a rank still importing is not load time
     with harness.PeakRSS() as rss, harness.LoadTimer() as lt:
-        model, source = load(args, s)
+        model, source = _load(args, s, load)
     load_rss = gather(rss.peak)
-    if args.save_shards and s["engine"] == "kernel-inject":
+    if args.save_shards and s.engine == "kernel-inject":
         barrier()  # every rank has written its tp_RR_PP.pt files (inside init_inference)
         if is_main():
-            tp_shards.copy_model_files(s["path"], args.save_shards)
-            print(f"DeepSpeed wrote {s['tp_size']} rank(s) of {s['label']} in its kernel layout "
+            tp_shards.copy_model_files(s.path, args.save_shards)
+            print(f"DeepSpeed wrote {s.tp_size} rank(s) of {s.label} in its kernel layout "
                   f"(pickled .pt files) to {args.save_shards}; start from them with --ds_checkpoint "
                   f"{Path(args.save_shards) / 'ds_inference_config.json'} --allow_pickle "
                   "(--dtype fp16, or int8 quantized while loading)", flush=True)
         barrier()
     elif args.save_shards:
-        path = tp_shards.save_rank_shard(model, args.save_shards, tp_size=s["tp_size"],
-                                         rank=rank(), dtype=s["dtype"])
+        path = tp_shards.save_rank_shard(model, args.save_shards, tp_size=s.tp_size,
+                                         rank=rank(), dtype=s.dtype)
         sizes = gather(path.stat().st_size)
         barrier()
         if is_main():
-            tp_shards.write_index(args.save_shards, source=s["path"], tp_size=s["tp_size"],
-                                  dtype=s["dtype"], engine=s["engine"], name=s["label"],
-                                  bytes_per_rank=sizes, source_path=s["ref_path"])
-            print(f"wrote {s['tp_size']} TP shard(s) of {s['label']} ({s['dtype']}) to "
+            tp_shards.write_index(args.save_shards, source=s.path, tp_size=s.tp_size,
+                                  dtype=s.dtype, engine=s.engine, name=s.label,
+                                  bytes_per_rank=sizes, source_path=s.ref_path)
+            print(f"wrote {s.tp_size} TP shard(s) of {s.label} ({s.dtype}) to "
                   f"{args.save_shards}: {', '.join(f'{b / 2**20:.1f} MiB' for b in sizes)}; "
                   f"start from them with --load_shards {args.save_shards}", flush=True)
         barrier()
@@ -226,19 +296,19 @@ def run(args) -> list[dict]:
                "shards": str(args.load_shards or args.save_shards or "") or None,
                "load_peak_rss_bytes_per_rank": load_rss,
                "load_steps_s": getattr(model, "_bloomkit_load_steps", None),
-               **autotp.describe(model, s["config"], s["tp_size"], s["engine"], s["dtype"])}
+               **autotp.describe(model, s.config, s.tp_size, s.engine, s.dtype)}
     dist.kill_hook()
     records = bench.run_variant(
-        strategy="ds-inference", name=s["label"], path=s["path"], dtype=s["dtype"],
-        device=s["device"], batch_sizes=args.batch_size, max_new_tokens=args.max_new_tokens,
+        strategy="ds-inference", name=s.label, path=s.path, dtype=s.dtype,
+        device=s.device, batch_sizes=args.batch_size, max_new_tokens=args.max_new_tokens,
         load=None, model=model, load_seconds=lt.seconds, options=options,
-        prompts=s["base_prompts"], cycles=args.cycles if args.benchmark else None,
-        verify=False, budget=s["budget"], world_size=world_size(), compile=args.compile)
+        prompts=s.base_prompts, cycles=args.cycles if args.benchmark else None,
+        verify=False, budget=s.budget, world_size=world_size(), compile=args.compile)
     if args.verify:
         from ..prompts import eval_texts
 
-        verify(records, model, harness_tok(s["path"]), s["ref_path"], args.max_new_tokens,
-               s["base_prompts"], texts=eval_texts(s["ref_path"], args.eval_file))
+        verify(records, model, harness_tok(s.path), s.ref_path, args.max_new_tokens,
+               s.base_prompts, texts=eval_texts(s.ref_path, args.eval_file))
     barrier()
     if is_main():
         if args.json_out:

@@ -8,8 +8,13 @@ size run on one device, at the price of moving every weight over the link (PCIe,
 disk) once per generated token: offloaded inference is bound by the link's bandwidth and
 wants big batches (the same bytes serve every row of the batch).
 
-What this module does, once for the recipe, the notebook and the tests:
+What this module does, once for the recipe, the server, the notebook and the tests:
 
+* :func:`add_flags` / :class:`ZeroOptions` / :func:`prepare` / :func:`load`: the one ZeRO
+  set-up: the flags, typed; every check in the order a user fixes them, the process group, the
+  config and the NVMe buffer plan (a :class:`ZeroSetup`); then the model.  :func:`run` is the
+  recipe inside the repository, :func:`run_variant` one variant in a notebook, and the server's
+  ZeRO strategy loads through the same two calls.
 * :func:`ds_config` builds the blog's config from the hidden size (integer bucket sizes,
   NVMe aio buffers sized from the model, optional 4/8-bit group-wise weight quantization).
 * :func:`check_nvme_path`, :func:`check_async_io`, :func:`plan_nvme_buffers` check an NVMe
@@ -25,7 +30,6 @@ What this module does, once for the recipe, the notebook and the tests:
 * :func:`offload_info` / :func:`variant_label`: what a record says it ran; an NVMe run whose
   partitions all stay under the 1 MiB swap threshold is labelled ``nvme (nothing swapped)``.
 * :class:`DiskReads`: bytes read from disk per generated token (``/proc/self/io``), per batch size.
-* :func:`run_variant`: one variant in this process, recorded as the recipe records it (notebook 03).
 * :func:`swap_files` / :func:`swap_session`: what is on the disk, and cleaning it up.
 * :func:`read_bandwidth`: the disk's measured ``O_DIRECT`` read bandwidth (the roofline).
 
@@ -44,8 +48,9 @@ import mmap
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
 from .. import arch, memory
 
@@ -73,6 +78,128 @@ def offload_mode(cpu_offload: bool = False, nvme_offload_path=None) -> str:
     if cpu_offload and nvme_offload_path:
         raise UserError("use one of --cpu_offload or --nvme_offload_path, not both")
     return "nvme" if nvme_offload_path else ("cpu" if cpu_offload else "none")
+
+
+def add_flags(parser, *, kv_offload: bool = True):
+    """ZeRO-Inference's flags, added to ``parser`` where it lacks them.
+
+    ``recipes/ds_zero_inference.py`` declares the ones a user of the copied file needs
+    (``--cpu_offload --nvme_offload_path --quant_bits --quant_group_size``); inside the
+    repository this adds ``--aio_buffer_count`` and ``--kv_offload`` and gives
+    ``--quant_group_size`` the package's checked type.  The server declares them all here.
+
+    Args:
+        parser: an ``argparse`` parser (the recipe's own, or :func:`bloomkit.cli.common_parser`).
+        kv_offload: list ``--kv_offload`` in the help (the server declares it hidden, and
+            refuses it: its batched cache is its own).
+
+    Returns:
+        ``parser``.
+
+    Example:
+        >>> import argparse
+        >>> args = add_flags(argparse.ArgumentParser()).parse_args(["--nvme_offload_path", "/x"])
+        >>> ZeroOptions.from_args(args, device="cpu").offload, args.aio_buffer_count
+        ('nvme', 5)
+    """
+    import argparse
+
+    from ..cli import positive_int
+
+    declared = {opt: a for a in parser._actions for opt in a.option_strings}
+    if "--quant_group_size" in declared:
+        declared["--quant_group_size"].type = positive_int
+    flags = {
+        "--cpu_offload": dict(action="store_true", help="keep the parameters in CPU memory"),
+        "--nvme_offload_path": dict(default=None, help="keep the parameters in swap files in this "
+                                                       "directory (a fast local drive)"),
+        "--quant_bits": dict(type=int, choices=QUANT_BITS, default=None,
+                             help="ZeRO-Inference group-wise weight quantization (--dtype int8 "
+                                  "means 8)"),
+        "--quant_group_size": dict(type=positive_int, default=None,
+                                   help="weights per quantization group (divides every row of the "
+                                        "model's matrices); default: the largest of 64, 32, 16, ... "
+                                        "that does"),
+        "--aio_buffer_count": dict(type=positive_int, default=DEFAULT_BUFFER_COUNT,
+                                   help="NVMe read buffers (each as large as the largest weight "
+                                        "partition)"),
+        "--kv_offload": dict(action="store_true",
+                             help="KV cache offloaded to CPU layer by layer (transformers' offloaded "
+                                  "cache; CUDA only)" if kv_offload else argparse.SUPPRESS),
+    }
+    group = parser.add_argument_group("ds-zero (ZeRO-Inference)")
+    for flag, kwargs in flags.items():
+        if flag not in declared:
+            group.add_argument(flag, **kwargs)
+    return parser
+
+
+@dataclass
+class ZeroOptions:
+    """What a ZeRO-Inference run asks for: the flags of :func:`add_flags`, typed.
+
+    Args:
+        offload: where the parameter partitions live between uses: ``none`` (the device),
+            ``cpu`` (CPU RAM) or ``nvme`` (swap files in ``nvme_path``).
+        nvme_path: the swap directory; read only when ``offload`` is ``nvme``.
+        quant_bits: 4 or 8: ZeRO-Inference's group-wise weight quantization; ``None``: none
+            (unless ``dtype`` is ``int8``, which means 8).
+        quant_group_size: weights per quantization group; ``None``: derived from the model
+            (:func:`quant_group_size`).
+        aio_buffer_count: NVMe read buffers (:func:`plan_nvme_buffers`).
+        kv_offload: transformers' offloaded KV cache (CUDA only).
+        dtype: ``fp32``/``bf16``/``fp16``, or ``int8`` (8-bit weights computed in bf16 on CUDA,
+            fp32 on CPU).
+        device: ``cpu`` or ``cuda``.
+    """
+    offload: str = "none"
+    nvme_path: str | None = None
+    quant_bits: int | None = None
+    quant_group_size: int | None = None
+    aio_buffer_count: int = DEFAULT_BUFFER_COUNT
+    kv_offload: bool = False
+    dtype: str = "fp32"
+    device: str = "cpu"
+
+    @classmethod
+    def from_args(cls, args, device: str | None = None) -> "ZeroOptions":
+        """From parsed flags (:func:`add_flags` plus the shared ``--dtype`` / ``--device``)."""
+        from ..dtypes import default_device, resolve_dtype
+
+        offload = offload_mode(args.cpu_offload, args.nvme_offload_path)
+        device = device or getattr(args, "device", None) or default_device()
+        return cls(offload=offload, nvme_path=args.nvme_offload_path, quant_bits=args.quant_bits,
+                   quant_group_size=args.quant_group_size,
+                   aio_buffer_count=getattr(args, "aio_buffer_count", DEFAULT_BUFFER_COUNT),
+                   kv_offload=getattr(args, "kv_offload", False),
+                   dtype=resolve_dtype(getattr(args, "dtype", None), device), device=device)
+
+    @property
+    def bits(self) -> int | None:
+        """The weights' bits when quantized (``--dtype int8`` means 8), else ``None``."""
+        return self.quant_bits or (8 if self.dtype == "int8" else None)
+
+    @property
+    def compute_dtype(self) -> str:
+        """The ZeRO model's dtype: ``dtype``, but int8 weights compute in bf16 (CUDA) / fp32."""
+        if self.dtype == "int8":
+            return "bf16" if self.device == "cuda" else "fp32"
+        return self.dtype
+
+    def check(self) -> None:
+        """The flags on their own, before anything is read: one line naming the fix."""
+        if self.offload not in OFFLOAD_MODES:
+            raise UserError(f"unknown offload {self.offload!r}; use one of {', '.join(OFFLOAD_MODES)}")
+        if self.offload == "nvme" and not self.nvme_path:
+            raise UserError("NVMe offload needs a directory: pass --nvme_offload_path DIR")
+        if self.dtype == "nf4":
+            raise UserError("--dtype nf4 is bitsandbytes' 4-bit load, an Accelerate feature; "
+                            "ZeRO-Inference quantizes its own way: --quant_bits 4 (or 8)")
+        if self.quant_bits is not None and self.quant_bits not in QUANT_BITS:
+            raise UserError(f"--quant_bits must be 4 or 8, got {self.quant_bits}")
+        if self.kv_offload and self.device != "cuda":
+            raise UserError("--kv_offload moves the KV cache from the GPU to CPU memory and needs "
+                            "CUDA; drop it on CPU")
 
 
 def _dims(config):
@@ -215,6 +342,25 @@ def ds_config(hidden_size: int, *, dtype: str = "fp32", offload: str = "none", n
     integers: current DeepSpeed rejects floats), ``stage3_param_persistence_threshold`` 0
     (partition every parameter, even LayerNorms), ``offload_param`` for CPU / NVMe, and the
     dtype stated explicitly (``fp16``/``bf16`` ``enabled``) so ZeRO keeps the model's dtype.
+    ``recipes/ds_zero_inference.py`` writes the same dict out by hand (tested equal).
+
+    Args:
+        hidden_size: the model's hidden size (:func:`bloomkit.arch.hidden_of`).
+        dtype: ``fp32``, ``bf16`` or ``fp16``: the weights' dtype under ZeRO.
+        offload: ``none``, ``cpu`` or ``nvme``.
+        nvme_path: the swap directory (``nvme``).
+        world_size: ranks (``train_batch_size``: one micro-batch per rank).
+        buffers: the NVMe read buffers (:func:`plan_nvme_buffers`; ``nvme`` only).
+        quant_bits: 4 or 8 for group-wise weight quantization, ``None`` for none.
+        quant_group_size: weights per quantization group (:func:`quant_group_size`).
+
+    Example:
+        >>> c = ds_config(1024, dtype="bf16", offload="cpu")
+        >>> z = c["zero_optimization"]
+        >>> z["reduce_bucket_size"], z["stage3_prefetch_bucket_size"], z["offload_param"]["device"]
+        (1048576, 943718, 'cpu')
+        >>> c["bf16"], "weight_quantization" in ds_config(1024, quant_bits=4)
+        ({'enabled': True}, True)
     """
     if offload not in OFFLOAD_MODES:
         raise UserError(f"unknown offload {offload!r}; use one of {', '.join(OFFLOAD_MODES)}")
@@ -438,8 +584,12 @@ def init_distributed(device: str = "cpu") -> tuple[int, int]:
                                "MASTER_PORT": str(free_port())})
         os.environ.setdefault("LOCAL_RANK", "0")  # zero.Init reads it for the local device
         try:
-            deepspeed.init_distributed(dist_backend="gloo" if device == "cpu" else "nccl",
-                                       verbose=False)
+            import sys
+
+            # DeepSpeed prints "... shm_comm_op built successfully" here: not the run's output
+            with contextlib.redirect_stdout(sys.stderr):
+                deepspeed.init_distributed(dist_backend="gloo" if device == "cpu" else "nccl",
+                                           verbose=False)
             if device == "cpu":
                 from .. import dsops
 
@@ -530,7 +680,9 @@ def load_model(path, dtype: str, config: dict, device: str = "cpu"):
     engine = deepspeed.initialize(model=model, config_params=config)[0]
     engine.module.eval()
     module = engine.module
-    module._bloomkit_engine = engine  # keep the engine (and its hooks) alive with the model
+    # keep the engine (and its hooks) alive with the model; not as a submodule (nn.Module's
+    # setattr would register it, and model.eval() would then recurse engine <-> module)
+    object.__setattr__(module, "_bloomkit_engine", engine)
     del model
     if device == "cuda":
         torch.cuda.synchronize()
@@ -547,6 +699,150 @@ def partition_bytes(model) -> int:
             # the parameter's dtype: a partition swapped to disk is a 1-element fp16 stand-in
             total += int(t.ds_numel) * p.element_size()
     return total
+
+
+# ---------------------------------------------------------------------------- one set-up
+
+@dataclass
+class ZeroSetup:
+    """A checked ZeRO-Inference run, its process group started, ready to :func:`load`
+    (made by :func:`prepare`: the recipe, the server and :func:`run_variant` all use it)."""
+    options: ZeroOptions
+    path: Path
+    config: Any              # the model's transformers config
+    dtype: str               # the ZeRO model's dtype (fp32/bf16/fp16: int8 computes in bf16/fp32)
+    quant_bits: int | None   # 4 or 8 when the weights are quantized
+    group_size: int | None   # weights per quantization group (quantized only)
+    rank: int
+    world_size: int
+    ds_config: dict          # what HfDeepSpeedConfig and deepspeed.initialize get
+    info: dict               # the records' options.zero (:func:`load` adds what the load did)
+    plan: BufferPlan | None = None                  # NVMe read buffers
+    settings: dict = field(default_factory=dict)    # bloomkit.cli.prepare's, when given args
+
+    @property
+    def device(self) -> str:
+        """``cpu`` or ``cuda``: where the ranks compute."""
+        return self.options.device
+
+    @property
+    def swap_dir(self) -> str | None:
+        """The NVMe swap directory of an NVMe run, else ``None``."""
+        return self.options.nvme_path if self.options.offload == "nvme" else None
+
+    def record_options(self) -> dict:
+        """The ``options`` of this run's result records."""
+        return {"offload": self.options.offload, "quant_bits": self.quant_bits or 0,
+                "kv_offload": self.options.kv_offload, "variant": self.info["variant"],
+                "zero": self.info}
+
+
+def prepare(options, path=None, *, extra_check: Callable[[int], None] | None = None,
+            log: Callable[[str], None] | None = None) -> ZeroSetup:
+    """Check a ZeRO-Inference run in the order a user would fix it, start the process group,
+    build the config.
+
+    1. the flags alone (``--compile``, ``nf4``, both offloads, ``--kv_offload`` off CUDA);
+    2. given ``args``: the shared flags, the model's files and whether the request fits
+       (:func:`bloomkit.cli.prepare`); then the quantization group against the model's rows;
+    3. ``extra_check(rank)``, the caller's own (the server: its port);
+    4. NVMe: the directory (exists, writable, room, ``O_DIRECT``), the page-locked read
+       buffers against ``ulimit -l``, DeepSpeed's ``async_io`` op (built now when missing);
+    5. the process group (the launcher's, or a one-rank one: :func:`init_distributed`), the
+       config (:func:`ds_config`) and what the records say (:func:`offload_info`).
+
+    Args:
+        options: a :class:`ZeroOptions`, or parsed flags (:func:`add_flags` beside
+            :func:`bloomkit.cli.common_parser`'s or :func:`bloomkit.cli.add_package_flags`').
+        path: the model directory (with a :class:`ZeroOptions`; flags name it with ``--name``).
+        extra_check: called with this rank's number after the model checks, before the
+            NVMe checks and the process group.
+        log: where rank 0's notes go (an NVMe run that swaps nothing says so); default: nowhere.
+
+    Example:
+        >>> from bloomkit import models
+        >>> setup = prepare(ZeroOptions(offload="cpu"), models.resolve_model("tiny"))
+        >>> setup.ds_config["zero_optimization"]["offload_param"], setup.world_size
+        ({'device': 'cpu', 'pin_memory': True}, 1)
+    """
+    from .. import models
+
+    settings: dict = {}
+    if not isinstance(options, ZeroOptions):
+        args = options
+        if getattr(args, "compile", False):
+            raise UserError("--compile does not apply to ZeRO-Inference: ZeRO-3 gathers each layer's "
+                            "weights in hooks around every module's forward, which a compiled graph "
+                            "cannot capture; drop --compile (or use recipes/accelerate_inference.py or "
+                            "recipes/ds_inference.py to compile)")
+        options = ZeroOptions.from_args(args)
+        options.check()
+        from ..cli import prepare as check_shared
+
+        settings = check_shared(args)  # shared flags, model files, --json_out: before anything expensive
+        path = settings["path"]
+    else:
+        options.check()
+        if path is None:
+            raise UserError("prepare(ZeroOptions(...), path): name the model directory")
+    path = Path(path)
+    config = models.load_config(path)
+    bits, dtype = options.bits, options.compute_dtype
+    group = quant_group_size(config, options.quant_group_size) if bits else None
+    rank, world = dist_env(options.device)
+    if extra_check is not None:
+        extra_check(rank)
+    info = offload_info(config, options.offload, dtype=dtype, world_size=world, quant_bits=bits)
+    plan = None
+    if options.offload == "nvme":
+        check_nvme_path(options.nvme_path, memory.weight_bytes(config, dtype))
+        plan = plan_nvme_buffers(config, dtype, world, options.aio_buffer_count)
+        if info["nvme_note"] and rank == 0 and log is not None:
+            log(f"note: --nvme_offload_path: {info['nvme_note']}")
+        info["async_io"] = check_async_io()
+        info.update(nvme_path=str(options.nvme_path), aio_buffer_count=plan.buffer_count,
+                    aio_buffer_size=plan.buffer_size, aio_locked_bytes=plan.locked_bytes)
+    rank, world = init_distributed(options.device)
+    cfg = ds_config(arch.hidden_of(config), dtype=dtype, offload=options.offload,
+                    nvme_path=options.nvme_path, world_size=world, buffers=plan, quant_bits=bits,
+                    quant_group_size=group or 64)
+    return ZeroSetup(options=options, path=path, config=config, dtype=dtype, quant_bits=bits,
+                     group_size=group, rank=rank, world_size=world, ds_config=cfg, info=info,
+                     plan=plan, settings=settings)
+
+
+def load(setup: ZeroSetup, load_fn: Callable | None = None):
+    """The ZeRO-3 model of ``setup``, ready to ``generate``; ``setup.info`` then also holds
+    this rank's partition bytes (and for NVMe what is on the disk).
+
+    Args:
+        setup: from :func:`prepare`.
+        load_fn: ``load_fn(path, dtype, ds_config)`` returning the model (``engine.module``),
+            that makes the ``HfDeepSpeedConfig`` / ``from_pretrained`` / ``deepspeed.initialize``
+            calls itself (``recipes/ds_zero_inference.py`` passes its own); default
+            :func:`load_model`, the same calls (tested equal).
+
+    Example:
+        >>> from bloomkit import models
+        >>> setup = prepare(ZeroOptions(offload="cpu"), models.resolve_model("tiny"))
+        >>> model = load(setup)
+        >>> setup.info["partition_bytes"] > 0, next(model.parameters()).numel()  # partitioned
+        (True, 0)
+    """
+    if load_fn is None:
+        model = load_model(setup.path, setup.dtype, setup.ds_config, setup.options.device)
+    else:
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        try:
+            model = load_fn(str(setup.path), setup.dtype, setup.ds_config).eval()
+        finally:  # a later plain from_pretrained (--verify's reference) is not partitioned
+            unset_hf_deepspeed_config()
+        harness.cuda_sync()
+    setup.info["partition_bytes"] = partition_bytes(model)
+    if setup.swap_dir:  # what is on the disk while the model runs
+        setup.info["swap_after_load"] = swap_summary(setup.swap_dir)
+    return model
 
 
 # ---------------------------------------------------------------------------- unique streams
@@ -753,53 +1049,76 @@ def with_disk_reads(records: list[dict], reads: DiskReads) -> list[dict]:
     return records
 
 
-# ---------------------------------------------------------------------------- one variant in-process
+# ---------------------------------------------------------------------------- runs
+
+def run(args, load_fn: Callable | None = None) -> list[dict]:
+    """``recipes/ds_zero_inference.py`` inside the repository: :func:`prepare` (every check,
+    the process group, the config), :func:`load` through the recipe's own ``load_model``, then
+    :func:`bloomkit.measure.bench.run_recipe`: each rank generates its own prompts (unique
+    streams, gathered to rank 0), the disk bytes read per token are counted, ``--verify`` checks
+    every stream against plain ``generate``, the records go to ``--json_out``."""
+    import copy
+
+    from .. import results
+    from ..measure import bench
+
+    setup = prepare(args, log=lambda m: print(m, flush=True))
+    rank, world, base = setup.rank, setup.world_size, setup.settings["base_prompts"]
+    extra = {"cache_implementation": "offloaded"} if setup.options.kv_offload else {}
+    reads = DiskReads()  # bytes this rank reads from disk per generated token
+
+    @reads.wrap
+    def gen_fn(model, tok, rows, n):
+        mine = rank_prompts(len(rows), base, rank, world)
+        return stream_generate(model, tok, mine, n, world_size=world, **extra)
+
+    run_args = copy.copy(args)  # the records are completed (disk reads, streams) and written below
+    run_args.json_out = None
+    if world > 1:  # every stream is checked against its own prompts, below
+        run_args.verify = False
+    with swap_session(setup.swap_dir, rank):
+        records = bench.run_recipe(run_args, strategy="ds-zero", load=lambda *_: load(setup, load_fn),
+                                   options=setup.record_options(), world_size=world,
+                                   generate_fn=gen_fn, is_main=rank == 0, token_multiplier=world)
+    with_disk_reads(records, reads)
+    if rank == 0:
+        for r in records:
+            if world > 1 and args.verify and r["status"] == "ok":
+                r["quality"] = verify_streams(setup.path, r)
+                print(f"ds-zero streams bs={r['batch_size']}: identical={r['quality']['identical']}",
+                      flush=True)
+            z = r["options"]["zero"]
+            if setup.swap_dir and "disk_read_bytes_per_token" in z:
+                print(f"ds-zero {z['variant']} bs={r['batch_size']}: {z['swapped_partitions']} "
+                      f"partitions on disk, {z['disk_read_bytes_per_step'] / 2**20:.2f} MiB read "
+                      f"from disk per step ({z['disk_read_bytes_per_token'] / 2**20:.3f} MiB per "
+                      "token)", flush=True)
+        if args.json_out:
+            results.write_json(args.json_out, records[0] if len(records) == 1 else records)
+    harness.cuda_sync()
+    return records
+
 
 def run_variant(path, name: str, *, offload: str = "none", dtype: str = "fp32", device: str = "cpu",
                 quant_bits: int | None = None, quant_group_size: int | None = None, nvme_path=None,
                 batch_sizes=(1,), max_new_tokens: int = 20, cycles: int | None = None,
                 verify: bool = False, prompts: list[str] | None = None) -> list[dict]:
     """One ZeRO-Inference variant in *this* process, recorded as the recipe records it (one
-    rank): :func:`ds_config` -> :func:`load_model` -> :func:`bloomkit.measure.bench.run_variant`,
+    rank): :func:`prepare` -> :func:`load` -> :func:`bloomkit.measure.bench.run_variant`,
     ``options.zero`` with :func:`offload_info`, the partition bytes, the swap files and the disk
     bytes read per token.  Swap files are removed afterwards."""
     import gc
 
-    from .. import models
     from ..measure import bench
 
-    config = models.load_config(path)
-    info = offload_info(config, offload, dtype=dtype, quant_bits=quant_bits)
-    plan = None
-    if offload == "nvme":
-        plan = plan_nvme_buffers(config, dtype)
-        check_nvme_path(nvme_path, memory.weight_bytes(config, dtype))
-        info["async_io"] = check_async_io()
-        info.update(nvme_path=str(nvme_path), aio_buffer_count=plan.buffer_count,
-                    aio_buffer_size=plan.buffer_size, aio_locked_bytes=plan.locked_bytes)
-    group = quant_group_size_fn(config, quant_group_size) if quant_bits else None
-    cfg = ds_config(arch.hidden_of(config), dtype=dtype, offload=offload, nvme_path=nvme_path,
-                    buffers=plan, quant_bits=quant_bits, quant_group_size=group or 64)
-    init_distributed(device)
-
-    def load(p, _dtype, dev):
-        model = load_model(p, dtype, cfg, dev)
-        info["partition_bytes"] = partition_bytes(model)
-        if offload == "nvme":
-            info["swap_after_load"] = swap_summary(nvme_path)
-        return model
-
+    setup = prepare(ZeroOptions(offload=offload, nvme_path=nvme_path, quant_bits=quant_bits,
+                                quant_group_size=quant_group_size, dtype=dtype, device=device), path)
     reads = DiskReads()
-    options = {"offload": offload, "quant_bits": quant_bits or 0, "kv_offload": False,
-               "variant": info["variant"], "zero": info}
-    with swap_session(nvme_path if offload == "nvme" else None):
+    with swap_session(setup.swap_dir):
         records = bench.run_variant(
-            strategy="ds-zero", name=name, path=path, load=load, dtype=dtype, device=device,
-            batch_sizes=batch_sizes, max_new_tokens=max_new_tokens, options=options,
-            prompts=prompts, cycles=cycles, verify=verify,
+            strategy="ds-zero", name=name, path=path, load=lambda *_: load(setup), dtype=dtype,
+            device=device, batch_sizes=batch_sizes, max_new_tokens=max_new_tokens,
+            options=setup.record_options(), prompts=prompts, cycles=cycles, verify=verify,
             generate_fn=reads.wrap(lambda m, t, p, n: stream_generate(m, t, p, n)))
         gc.collect()
     return with_disk_reads(records, reads)
-
-
-quant_group_size_fn = quant_group_size  # run_variant's keyword shadows the function's name
