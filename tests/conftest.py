@@ -106,7 +106,8 @@ def run_standalone(tmp_path: Path, recipe: str, args: list[str], nprocs: int = 1
     ``PYTHONPATH`` sets ``sys.modules["bloomkit"] = None``), as a user who copied the file runs
     it.  DeepSpeed's ops come prebuilt from this env's build folder (a fresh build takes
     minutes); the shared-memory segments CPU ranks left behind are listed as
-    ``proc.leftover_shm``, then removed."""
+    ``proc.leftover_shm``, then removed; ``proc.blocked_processes`` counts the Python processes
+    (launcher and ranks) that ran with ``bloomkit`` blocked."""
     import shutil
 
     from bloomkit import dsops, launch
@@ -116,7 +117,11 @@ def run_standalone(tmp_path: Path, recipe: str, args: list[str], nprocs: int = 1
     shutil.copy(ROOT / recipe, work)
     blocker = tmp_path / "no-bloomkit"
     blocker.mkdir(exist_ok=True)
-    (blocker / "sitecustomize.py").write_text("import sys\nsys.modules['bloomkit'] = None\n")
+    marker = blocker / "blocked-in.txt"   # one line per Python process that ran with the block
+    marker.unlink(missing_ok=True)
+    (blocker / "sitecustomize.py").write_text(
+        "import os, sys\nsys.modules['bloomkit'] = None\n"
+        f"with open({str(marker)!r}, 'a') as f:\n    f.write(f'{{os.getpid()}}\\n')\n")
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(blocker),
            "TORCH_EXTENSIONS_DIR": str(dsops.build_root()), **launch.cpu_env(nprocs)}
     port = launch.free_port()
@@ -125,6 +130,7 @@ def run_standalone(tmp_path: Path, recipe: str, args: list[str], nprocs: int = 1
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
                               cwd=str(work))
         proc.leftover_shm = dsops.shm_buffers(port)   # what the recipe itself failed to free
+        proc.blocked_processes = len(marker.read_text().split()) if marker.exists() else 0
         return proc
     finally:
         dsops.remove_shm_buffers(port)

@@ -34,9 +34,11 @@ def plain_generate(path, prompts, n=N_NEW):
     return harness.generate(model, models.load_tokenizer(path), prompts, n).texts
 
 
-def check_completions(proc, path, batch_sizes):
+def check_completions(proc, path, batch_sizes, nprocs=1):
+    """Exit 0, ``bloomkit`` blocked in every process, and each batch's printed rows (once each:
+    one rank prints) equal plain ``generate`` on the blog's prompts."""
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "bloomkit" not in proc.stdout
+    assert proc.blocked_processes >= nprocs, proc.blocked_processes
     got = printed_completions(proc.stdout)
     assert len(got) == sum(batch_sizes), proc.stdout[-2000:]
     start = 0

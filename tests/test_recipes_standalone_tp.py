@@ -14,37 +14,11 @@ import json
 import pytest
 
 from bloomkit import launch, models
-from bloomkit.measure import harness
-from bloomkit.prompts import STANDARD_PROMPTS
-from conftest import ROOT, printed_completions, run_standalone
+from conftest import ROOT, run_standalone
+from test_recipes_standalone import check_completions
 
 TP = "recipes/ds_inference.py"
 N_NEW = 6
-
-
-def plain_generate(path, prompts, n=N_NEW):
-    """Plain fp32 ``generate`` on the same batch (left-padded, greedy, exactly n tokens)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
-    return harness.generate(model, models.load_tokenizer(path), prompts, n).texts
-
-
-def check_completions(proc, path, batch_sizes):
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    # the package never ran (DeepSpeed's launcher logs, "[date] [INFO] ...", echo the model path)
-    assert not [ln for ln in proc.stdout.splitlines() if "bloomkit" in ln and not ln.startswith("[")]
-    assert not [ln for ln in proc.stdout.splitlines() if ln.startswith("ds-inference ")]
-    got = printed_completions(proc.stdout)
-    assert len(got) == sum(batch_sizes), proc.stdout[-2000:]   # rank 0 only: no row twice
-    start = 0
-    for bs in batch_sizes:
-        rows = got[start:start + bs]
-        start += bs
-        prompts = [STANDARD_PROMPTS[i % len(STANDARD_PROMPTS)] for i in range(bs)]
-        assert [p for p, _ in rows] == prompts
-        assert [t for _, t in rows] == plain_generate(path, prompts)
 
 
 @pytest.mark.timeout(300)
@@ -56,7 +30,8 @@ def test_tp2_recipe_alone_equals_generate(launcher, name, benchmark, tmp_path):
     proc = run_standalone(tmp_path, TP, ["--name", str(path), "--dtype", "fp32", "--batch_size", "1,3",
                                          "--max_new_tokens", str(N_NEW), *extra],
                           nprocs=2, launcher=launcher, timeout=280)
-    check_completions(proc, path, [1, 3])
+    check_completions(proc, path, [1, 3], nprocs=2)
+    assert not [ln for ln in proc.stdout.splitlines() if ln.startswith("ds-inference ")]   # no records
     assert not proc.leftover_shm, proc.leftover_shm   # the recipe unlinks DeepSpeed's segments
     assert proc.stdout.count("*** Start to ready to generate") == 1
     stats = [ln for ln in proc.stdout.splitlines() if ln.startswith("*** Performance stats")]
