@@ -71,8 +71,11 @@ def parse_max_memory(spec):
     """``"0=30GiB,cpu=100GiB"`` -> ``{0: "30GiB", "cpu": "100GiB"}`` (accelerate's form)."""
     if not spec:
         return None
-    pairs = (part.split("=") for part in spec.split(","))
-    return {int(k) if k.isdigit() else k: v for k, v in pairs}
+    try:
+        return {int(k) if k.isdigit() else k: v for k, v in (p.split("=") for p in spec.split(","))}
+    except ValueError:
+        raise SystemExit(f"error: --max_memory takes device=size pairs like 0=30GiB,cpu=100GiB, "
+                         f"got {spec!r}") from None
 
 
 def load_model(name, dtype="fp32", device_map="auto", max_memory=None, offload_folder=None,
@@ -124,11 +127,11 @@ def main(argv=None):
     start = time.perf_counter()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = args.dtype or ("bf16" if device == "cuda" else "fp32")
+    max_memory = parse_max_memory(args.max_memory)
     tokenizer = AutoTokenizer.from_pretrained(args.name, padding_side="left")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = load_model(args.name, dtype, args.device_map, parse_max_memory(args.max_memory),
-                       args.offload_folder, device)
+    model = load_model(args.name, dtype, args.device_map, max_memory, args.offload_folder, device)
     print(f"*** Start to ready to generate: {time.perf_counter() - start:.3f} secs")
     if hasattr(model, "hf_device_map"):   # set when modules went to more than one device
         print(f"*** Modules per device: {dict(Counter(map(str, model.hf_device_map.values())))}")

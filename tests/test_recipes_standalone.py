@@ -76,6 +76,9 @@ def test_accelerate_recipe_alone_offloads_to_disk(tmp_path):
 def test_accelerate_recipe_alone_without_name_is_argparse_error(tmp_path):
     proc = run_standalone(tmp_path, ACCEL, ["--batch_size", "1"])
     assert proc.returncode == 2 and "--name" in proc.stderr
+    bad = run_standalone(tmp_path, ACCEL, ["--name", "x", "--max_memory", "cpu"])
+    assert bad.returncode != 0 and "Traceback" not in bad.stderr
+    assert bad.stderr.strip().splitlines()[-1].startswith("error: --max_memory takes device=size")
 
 
 @pytest.mark.parametrize("dtype,device_map,offload", [("fp32", "auto", False), ("fp32", "sequential", True),
