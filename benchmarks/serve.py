@@ -36,6 +36,7 @@ import time
 
 from bloomkit import results, sysinfo
 from bloomkit.errors import cli_entry
+from bloomkit.measure import compare
 from bloomkit.serve import loadtest
 from bloomkit.serve.proc import Server
 
@@ -110,9 +111,17 @@ def accelerate(name: str, server_args=(), rounds: int = 3) -> dict:
     if len(servers) < 2:
         return out
     a, b = (out[s]["mixed"]["median_ttft_p50_ms"] for s in ("overlap", "prefill_first"))
+    # the two servers ran in alternating rounds: each round gives one pair, and the verdict follows
+    # bloomkit.measure.compare's rule (>= 5 pairs, and every pair on the same side)
+    per_round = {c: [[next(r for r in rows if r["concurrency"] == c)["ttft_p50_ms"] for rows in out[s]["mixed"]["rounds"]]
+                     for s in ("overlap", "prefill_first")] for c in (1, 16)}
+    cmp = {c: compare.compare_times(*per_round[c]) for c in (1, 16)}
+    out["ttft_p50_overlap_vs_prefill_first"] = {c: {"ratio": x.ratio, "low": x.low, "high": x.high, "pairs": x.pairs,
+                                                    "verdict": x.verdict} for c, x in cmp.items()}
     print(f"mixed traffic, TTFT p50 (median of the rounds): at 16 clients {a[16]:.0f} ms with the prefill thread, "
-          f"{b[16]:.0f} ms prefilling first ({b[16] / a[16]:.2f}x {'lower' if a[16] < b[16] else 'higher'}); "
-          f"with one client {a[1]:.0f} vs {b[1]:.0f} ms", flush=True)
+          f"{b[16]:.0f} ms prefilling first: {cmp[16].sentence('the prefill thread', 'prefilling first')}; "
+          f"with one client {a[1]:.0f} vs {b[1]:.0f} ms: {cmp[1].sentence('the prefill thread', 'prefilling first')}",
+          flush=True)
     return out
 
 

@@ -29,6 +29,7 @@ import tempfile
 
 from bloomkit import launch, microbench, models
 from bloomkit.errors import UserError, cli_entry
+from bloomkit.measure import compare
 from bloomkit.strategies import zero
 
 
@@ -85,7 +86,16 @@ def zero_nvme_4bit(name: str = "bench", batch_sizes=(1, 8), new_tokens: int = 8,
             "swapped_partitions": {fp32: swapped["fp32"], q4: swapped["4-bit"]}, "rows": rows,
             "summary": summary,
             "nvme_4bit_speedup": {b: summary[fp32][b]["ms_per_token"] / summary[q4][b]["ms_per_token"]
-                                  for b in batch_sizes}}
+                                  for b in batch_sizes},
+            # launches alternated fp32, 4-bit, ...: one pair per round; a verdict needs >= 5 (bloomkit.measure.compare)
+            "nvme_4bit_vs_fp32": {b: _verdict(rows, q4, fp32, b) for b in batch_sizes}}
+
+
+def _verdict(rows: list[dict], a: str, b: str, batch_size: int) -> dict:
+    pick = lambda v: [r["ms_per_token"] for r in rows if r["variant"] == v and r["batch_size"] == batch_size]
+    c = compare.compare_times(pick(a), pick(b))
+    return {"ratio": c.ratio, "low": c.low, "high": c.high, "pairs": c.pairs, "verdict": c.verdict,
+            "sentence": c.sentence(a, b)}
 
 
 def honest_zero(part: dict) -> dict:

@@ -26,13 +26,13 @@ def build(*names: str) -> None:
         models.ensure_preset(name)
 
 
-def execute(tmp_path, stem: str, params: dict) -> tuple[list[dict], dict]:
+def execute(tmp_path, stem: str, params: dict, timeout: int | None = None) -> tuple[list[dict], dict]:
     """Run ``notebooks/<stem>.ipynb`` with ``params``; its result records and the executed
     notebook (JSON)."""
     res = tmp_path / "results.jsonl"
     t0 = time.perf_counter()
     out = notebooks.execute(NOTEBOOKS / f"{stem}.ipynb", tmp_path / f"{stem}.ipynb",
-                            {"RESULTS_PATH": str(res), **params})
+                            {"RESULTS_PATH": str(res), **params}, timeout=timeout)
     print(f"{stem} with {params.get('MODEL_NAME', 'its default model')}: {time.perf_counter() - t0:.1f} s")
     return (results.read_records(res) if res.exists() else []), json.loads(out.read_text())
 

@@ -57,3 +57,40 @@ def read(notebook: str | Path) -> dict[str, dict]:
             if claim is not None:
                 found[claim["name"]] = claim
     return found
+
+
+def record_comparison(name: str, comparison, a, b, *, sentence: str | None = None, **extra) -> dict:
+    """Record a timing comparison (:func:`bloomkit.measure.compare.compare_times`) with the
+    interleaved samples it was made from, so a test can recompute the verdict.
+
+    Args:
+        name: the claim's name.
+        comparison: the :class:`~bloomkit.measure.compare.Comparison` of ``a`` against ``b``.
+        a, b: the per-cycle samples of the two sides, in the order they were taken.
+        sentence: the sentence the cell prints from it (a test finds it in the cell's output).
+
+    Example:
+        >>> from bloomkit.measure.compare import compare_times
+        >>> a, b = [1.0, 1.1, 0.9, 1.0, 1.05], [2.0, 2.1, 1.9, 2.2, 2.0]
+        >>> record_comparison("speedup", compare_times(a, b), a, b)["verdict"]
+        'faster'
+    """
+    return record(name, comparison.ratio, spread=(comparison.low, comparison.high), unit="time ratio",
+                  verdict=comparison.verdict, pairs=comparison.pairs, a=[float(x) for x in a],
+                  b=[float(x) for x in b], sentence=sentence, **extra)
+
+
+def record_values(name: str, a: float, b: float, resolution: float, *, sentence: str | None = None,
+                  unit: str = "", **extra) -> dict:
+    """Record a comparison of two values that are not timings (perplexity, agreement) with the
+    resolution below which they count as the same
+    (:func:`bloomkit.measure.compare.compare_values`).
+
+    Example:
+        >>> record_values("bf16_perplexity", 70.01, 70.05, 0.1)["verdict"]
+        'the same'
+    """
+    from .measure.compare import compare_values
+
+    return record(name, float(a), unit=unit, reference=float(b), resolution=float(resolution),
+                  verdict=compare_values(a, b, resolution), sentence=sentence, **extra)

@@ -130,6 +130,7 @@ def execute(path: str | Path, out: str | Path, parameters: dict | None = None,
             prepare_only: bool = False, timeout: int | None = None) -> Path:
     """Execute notebook ``path`` into ``out`` with ``parameters`` (checked first)."""
     import papermill as pm
+    from traitlets.config import Config
 
     params = dict(parameters or {})
     check_parameters(path, params)
@@ -141,9 +142,11 @@ def execute(path: str | Path, out: str | Path, parameters: dict | None = None,
     added = {k: v for k, v in thread_env(1).items() if k not in os.environ}
     os.environ.update(added)
     try:
+        # IPC sockets, not TCP on loopback: the kernel then has nothing to warn about in the terminal
         pm.execute_notebook(str(path), str(out), parameters=params, kernel_name=kernel_name(),
                             cwd=str(Path(path).parent), progress_bar=False,
-                            prepare_only=prepare_only, execution_timeout=timeout)
+                            prepare_only=prepare_only, execution_timeout=timeout,
+                            config=Config({"KernelManager": {"transport": "ipc"}}))
     finally:
         for k in added:
             os.environ.pop(k, None)
