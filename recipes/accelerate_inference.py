@@ -11,6 +11,10 @@ needs only torch, transformers and accelerate (bitsandbytes for int8 / nf4).  Ex
     python accelerate_inference.py --name ./my-model --max_memory cpu=1MiB --offload_folder /tmp/offload
     # int8 (LLM.int8()) or 4-bit NormalFloat weights through bitsandbytes
     python accelerate_inference.py --name ./my-model --dtype int8 --batch_size 1,8 --benchmark
+    # speculative decoding at batch 1: a small draft with the same tokenizer proposes tokens,
+    # the model checks them all in one forward (greedy: exactly the model's own tokens)
+    python accelerate_inference.py --name ./my-model --assistant_model ./my-small-model --benchmark
+    python accelerate_inference.py --name ./my-model --prompt_lookup 10 --benchmark   # n-grams of the prompt
 
 Inside the repository, where the ``bloomkit`` package is importable, the same file also takes
 ``--verify`` (token agreement and logit error against plain fp32 ``generate``), ``--eval_file``,
@@ -60,11 +64,23 @@ def parse_args(argv=None):
                    help="per-device caps as device=size pairs, e.g. 0=30GiB,1=70GiB,cpu=100GiB")
     p.add_argument("--offload_folder", default=None,
                    help="directory for weights that fit neither the GPUs nor --max_memory cpu")
+    spec = p.add_mutually_exclusive_group()
+    spec.add_argument("--assistant_model", default=None, metavar="NAME",
+                      help="speculative decoding with this draft model (same tokenizer; batch 1)")
+    spec.add_argument("--prompt_lookup", type=int, default=None, metavar="N",
+                      help="speculative decoding with up to N tokens copied from matching n-grams of "
+                           "the prompt and the text so far (no draft model; batch 1)")
     if bloomkit is not None:
         from bloomkit.cli import add_package_flags
 
         add_package_flags(p)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if (args.assistant_model or args.prompt_lookup) and max(args.batch_size) > 1:
+        p.error("speculative decoding (--assistant_model, --prompt_lookup) runs one row at a time in "
+                "transformers' generate: use --batch_size 1")
+    if args.prompt_lookup is not None and args.prompt_lookup < 1:
+        p.error(f"--prompt_lookup takes a number of tokens >= 1, got {args.prompt_lookup}")
+    return args
 
 
 def parse_max_memory(spec):
@@ -102,18 +118,34 @@ def load_model(name, dtype="fp32", device_map="auto", max_memory=None, offload_f
     return AutoModelForCausalLM.from_pretrained(name, **kwargs).eval()
 
 
+def load_assistant(name, model, tokenizer):
+    """The draft for speculative decoding, in the model's dtype, on its input device.  It must
+    share the model's vocabulary: its token ids are proposed to the model as they are."""
+    draft_tokenizer = AutoTokenizer.from_pretrained(name)
+    if draft_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise SystemExit(f"error: --assistant_model {name} has another vocabulary than the model; a "
+                         "draft must use the same tokenizer (or drop --assistant_model)")
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    return AutoModelForCausalLM.from_pretrained(name, dtype=dtype).to(input_device(model)).eval()
+
+
 def input_device(model):
     """Where generate's inputs go: the first GPU of the device map, else the CPU."""
     gpus = [d for d in getattr(model, "hf_device_map", {}).values() if d not in ("cpu", "disk")]
     return torch.device(gpus[0] if gpus else next(model.parameters()).device)
 
 
-def generate(model, tokenizer, prompts, max_new_tokens):
-    """Greedy, exactly ``max_new_tokens`` new tokens per row (the blog's settings)."""
+def generate(model, tokenizer, prompts, max_new_tokens, **speculative):
+    """Greedy, exactly ``max_new_tokens`` new tokens per row (the blog's settings).
+    ``speculative``: ``assistant_model=`` or ``prompt_lookup_num_tokens=`` (batch 1)."""
     inputs = tokenizer(prompts, return_tensors="pt", padding=True).to(input_device(model))
+    # no early end at the end-of-text token; with a draft, as min_length (the same at batch 1):
+    # transformers hands a min_new_tokens processor to the draft's generate too, and warns
+    at_least = ({"min_length": inputs["input_ids"].shape[1] + max_new_tokens} if speculative
+                else {"min_new_tokens": max_new_tokens})
     with torch.inference_mode():
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id, **at_least, **speculative)
     return tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
@@ -123,7 +155,7 @@ def main(argv=None):
         from bloomkit.errors import cli_entry
         from bloomkit.strategies import accel
 
-        return cli_entry(accel.run)(args, load_model)
+        return cli_entry(accel.run)(args, load_model, load_assistant)
     start = time.perf_counter()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = args.dtype or ("bf16" if device == "cuda" else "fp32")
@@ -132,6 +164,11 @@ def main(argv=None):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = load_model(args.name, dtype, args.device_map, max_memory, args.offload_folder, device)
+    speculative = {}
+    if args.assistant_model:
+        speculative["assistant_model"] = load_assistant(args.assistant_model, model, tokenizer)
+    elif args.prompt_lookup:
+        speculative["prompt_lookup_num_tokens"] = args.prompt_lookup
     print(f"*** Start to ready to generate: {time.perf_counter() - start:.3f} secs")
     if hasattr(model, "hf_device_map"):   # set when modules went to more than one device
         print(f"*** Modules per device: {dict(Counter(map(str, model.hf_device_map.values())))}")
@@ -142,12 +179,12 @@ def main(argv=None):
     for bs in args.batch_size:
         prompts = [base[i % len(base)] for i in range(bs)]
         if args.benchmark:   # the blog's method: one warm-up, then timed cycles
-            generate(model, tokenizer, prompts, args.max_new_tokens)
+            generate(model, tokenizer, prompts, args.max_new_tokens, **speculative)
             if device == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
             for _ in range(args.cycles):
-                texts = generate(model, tokenizer, prompts, args.max_new_tokens)
+                texts = generate(model, tokenizer, prompts, args.max_new_tokens, **speculative)
             if device == "cuda":
                 torch.cuda.synchronize()
             seconds = (time.perf_counter() - t0) / args.cycles
@@ -155,7 +192,7 @@ def main(argv=None):
                   f"{seconds * 1000 / (bs * args.max_new_tokens):.2f} msecs; tokenize and generate "
                   f"{bs * args.max_new_tokens} tokens: {seconds:.3f} secs")
         else:
-            texts = generate(model, tokenizer, prompts, args.max_new_tokens)
+            texts = generate(model, tokenizer, prompts, args.max_new_tokens, **speculative)
         for prompt, text in zip(prompts, texts):
             print(f"in={prompt!r}\nout={text!r}\n")
 

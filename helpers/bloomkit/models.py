@@ -346,13 +346,20 @@ TRAINED_NAME = "trained"
 TRAINED_DIR = Path(__file__).resolve().parents[2] / "models" / "trained"
 
 
-def trained_path() -> Path:
-    """The shipped ``trained`` model's directory; a one-line error when it is not there."""
-    if not (TRAINED_DIR / "config.json").exists():
-        raise UserError(f"the trained model is not at {TRAINED_DIR} (it ships with the repository, "
+# Its draft for speculative decoding: a smaller BLOOM trained the same way on the same corpus,
+# with ``trained``'s very tokenizer (``python -m bloomkit.train --tokenizer models/trained``).
+TRAINED_DRAFT_NAME = "trained-draft"
+
+
+def trained_path(name: str = TRAINED_NAME) -> Path:
+    """The shipped ``trained`` (or ``trained-draft``) model's directory; a one-line error when it
+    is not there."""
+    where = TRAINED_DIR if name == TRAINED_NAME else TRAINED_DIR.parent / name
+    if not (where / "config.json").exists():
+        raise UserError(f"the {name} model is not at {where} (it ships with the repository, "
                         "not the package); build one with `python -m bloomkit.train --out DIR` "
                         "and pass `--name DIR`")
-    return TRAINED_DIR
+    return where
 
 
 def resolve_model(name: str) -> Path:
@@ -368,8 +375,8 @@ def resolve_model(name: str) -> Path:
     """
     if name in PRESETS:
         return ensure_preset(name)
-    if name == TRAINED_NAME:
-        return trained_path()
+    if name in (TRAINED_NAME, TRAINED_DRAFT_NAME):
+        return trained_path(name)
     if name in BLOOM_DIMS and name != "bloom":
         # the real checkpoint when it is cached, else random weights of the same shape
         from huggingface_hub import snapshot_download

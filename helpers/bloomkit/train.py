@@ -22,6 +22,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import sys
 import sysconfig
 import time
@@ -110,6 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--log_every", type=int, default=50)
+    ap.add_argument("--tokenizer", default=None, metavar="DIR",
+                    help="reuse DIR's tokenizer (tokenizer.json) instead of training one: a draft "
+                         "for speculative decoding must share its target's vocabulary exactly")
     ap.add_argument("--threads", type=int, default=2,
                     help="torch threads (1 is faster when other jobs share the cores)")
     args = ap.parse_args(argv)
@@ -123,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     from .results import check_writable
 
     check_writable(Path(args.out) / "config.json", "--out")  # before the minutes of training
+    if args.tokenizer and not (Path(args.tokenizer) / "tokenizer.json").is_file():
+        raise UserError(f"--tokenizer {args.tokenizer}: no tokenizer.json there; pass the directory "
+                        "of the model the draft is for (e.g. models/trained)")
 
     # idle OpenMP threads spinning make multi-thread runs many times slower on shared cores
     # (as the launcher does); only effective before torch is first imported
@@ -139,7 +146,12 @@ def main(argv: list[str] | None = None) -> int:
     root = stdlib_root()
     train_texts = [read(p) for p in train_files]
     held_texts = [read(p) for p in held_files]
-    tok = build_tokenizer(args.vocab, texts=train_texts)
+    if args.tokenizer:
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(str(Path(args.tokenizer) / "tokenizer.json"))
+    else:
+        tok = build_tokenizer(args.vocab, texts=train_texts)
     vocab = tok.get_vocab_size()
     train_ids = encode(tok, train_texts)
     held_ids = encode(tok, held_texts)
@@ -210,7 +222,11 @@ def main(argv: list[str] | None = None) -> int:
 
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)  # fp32 (what it was trained in)
-    _save_tokenizer(tok, out, bloom=True)
+    if args.tokenizer:   # the very same files: same ids, same special tokens
+        for f in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copyfile(Path(args.tokenizer) / f, out / f)
+    else:
+        _save_tokenizer(tok, out, bloom=True)
     GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=3, do_sample=False,
                      max_new_tokens=64).save_pretrained(out)
     (out / "heldout_sample.json").write_text(json.dumps(
@@ -228,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
                        "corpus: the weights are shipped rather than rebuilt",
         "train_files": len(train_files), "train_tokens": len(train_ids),
         "heldout_files": len(held_files), "heldout_tokens": len(held_ids),
+        "tokenizer": f"reused from {Path(args.tokenizer).resolve().name}/tokenizer.json" if args.tokenizer else "byte-level BPE trained on the corpus",
         "model": {"hidden_size": args.hidden, "n_layer": args.layers, "n_head": args.heads,
                   "vocab_size": vocab, "parameters": n_params, "dtype": "float32"},
         "training": {"optimizer": "AdamW (betas 0.9/0.95, weight decay 0.1)", "peak_lr": args.lr,

@@ -99,6 +99,9 @@ def _quiet():
     warnings.filterwarnings("ignore", message=".*inputs will be cast from.*")
     warnings.filterwarnings("ignore", message=".*weights are not tied.*")
     logging.getLogger("accelerate.utils.modeling").setLevel(logging.ERROR)
+    # "Some parameters are on the meta device because they were offloaded": that is what offload
+    # means (a hook loads them back before each forward), said once per load
+    logging.getLogger("accelerate.big_modeling").setLevel(logging.ERROR)
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     from transformers.utils import logging as hf_logging
 
@@ -230,6 +233,32 @@ def device_map_summary(device_map: dict, config=None, dtype: str = "bf16"):
                                        + sum(outer[o] for o in outside)) / 1e9, 3)
         rows.append(row)
     return pd.DataFrame(rows).set_index("device")
+
+
+def blocks_by_device(device_map: dict, config) -> dict[str, list[int]]:
+    """The decoder-block indices each device of ``device_map`` holds, in layer order: an entry
+    that names a block (``model.layers.3``) or lies inside one counts for that block, an entry
+    above the block list (``""``, ``model``, ``model.layers``) for all of them.  A block listed
+    under two devices was cut across them (``no_split_module_classes`` prevents that).
+
+    Example:
+        >>> from bloomkit import models
+        >>> blocks_by_device({"transformer.word_embeddings": 0, "transformer.h.0": 0,
+        ...                   "transformer.h.1": "disk", "lm_head": 0}, models.bloom_config("bloom-560m"))
+        {'0': [0], 'disk': [1]}
+    """
+    from .. import arch
+
+    prefix = arch.block_prefix(device_map, config) or arch.family_of(config).blocks
+    n = arch.layers_of(config)
+    out: dict[str, set] = {}
+    for key, dev in device_map.items():
+        i = arch.block_index(key, prefix)
+        if i is not None:
+            out.setdefault(str(dev), set()).add(i)
+        elif key == "" or key == prefix or prefix.startswith(key + "."):
+            out.setdefault(str(dev), set()).update(range(n))
+    return {dev: sorted(blocks) for dev, blocks in out.items()}
 
 
 def unfused_4bit_layers(model) -> list[str]:
@@ -410,14 +439,28 @@ def load(setup: AccelSetup, load_fn: Callable | None = None):
                       device=setup.device, load=load_fn)
 
 
-def run(args, load_fn: Callable | None = None) -> list[dict]:
+def run(args, load_fn: Callable | None = None, load_assistant: Callable | None = None) -> list[dict]:
     """``recipes/accelerate_inference.py`` inside the repository: :func:`prepare`, then
     :func:`bloomkit.measure.bench.run_recipe` (records, ``--verify``, sweeps, ``--compile``)
-    loading through the recipe's own ``load_fn`` wrapped in the package's checks."""
+    loading through the recipe's own ``load_fn`` wrapped in the package's checks; with
+    ``--assistant_model`` / ``--prompt_lookup``, speculative decoding
+    (:class:`bloomkit.strategies.speculative.Speculation`, the draft loaded by the recipe's
+    ``load_assistant``)."""
+    from .. import models
     from ..measure import bench
+    from .speculative import Speculation
 
     setup = prepare(args)
+    spec = Speculation(args, load_assistant)
     options = {"device_map": args.device_map, "max_memory": args.max_memory,
                "offload_folder": args.offload_folder}
-    return bench.run_recipe(args, strategy="accelerate", options=options,
-                            load=lambda path, dtype, device: load(setup, load_fn))
+    if spec.active:
+        options["speculative"] = spec.stats
+
+    def loaded(path, dtype, device):
+        model = load(setup, load_fn)
+        spec.attach(model, models.load_tokenizer(path))
+        return model
+
+    return bench.run_recipe(args, strategy="accelerate", options=options, load=loaded,
+                            generate_fn=spec.generate if spec.active else None)

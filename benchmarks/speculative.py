@@ -1,0 +1,106 @@
+#!/usr/bin/env python
+"""Speculative decoding on this machine's CPU: ``trained`` (fp32, batch 1) with its draft and with
+prompt lookup against plain greedy ``generate``, interleaved; prints and saves JSON.
+
+    python benchmarks/speculative.py [--out benchmarks/results/speculative-cpu.json] [--cycles 5]
+
+One cycle = every prompt of ``trained`` once with each method (plain, draft, prompt lookup) and
+the same prompts as one batch of 2, 4 and 8 rows with plain ``generate``, the methods taking turns
+so each cycle's numbers saw the same machine.  Per method: the tokens are checked equal to plain
+greedy ``generate``'s (every prompt), tokens per forward of the model (speculation's whole
+point: N tokens from fewer than N forwards), ms per token and the comparison with plain
+(``bloomkit.measure.compare``: a verdict needs >= 5 cycles whose ratios all lie on one side of 1).
+"Where it stops paying": plain batches make each token cheaper too; the smallest batch whose
+per-token time beats the better speculative method at batch 1 is reported.
+"""
+import argparse
+import json
+import statistics
+import time
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from bloomkit import models, results, sysinfo
+from bloomkit.errors import cli_entry
+from bloomkit.measure import compare
+from bloomkit.strategies.speculative import counting_forwards
+
+
+def run(cycles: int = 5, new_tokens: int = 40, lookup: int = 10) -> dict:
+    path, draft_path = models.resolve_model("trained"), models.resolve_model("trained-draft")
+    tok = models.load_tokenizer(path)
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    draft = AutoModelForCausalLM.from_pretrained(str(draft_path), dtype=torch.float32).eval()
+    prompts = json.loads((path / "prompts.json").read_text())
+    prompts = prompts["prompts"] if isinstance(prompts, dict) else prompts
+
+    def gen(rows, **spec):
+        x = tok(rows, return_tensors="pt", padding=True)
+        at_least = ({"min_length": x["input_ids"].shape[1] + new_tokens} if spec
+                    else {"min_new_tokens": new_tokens})
+        with torch.inference_mode(), counting_forwards(model) as n:
+            out = model.generate(**x, max_new_tokens=new_tokens, do_sample=False,
+                                 pad_token_id=tok.pad_token_id, **at_least, **spec)
+        return out[:, x["input_ids"].shape[1]:].tolist(), n[0]
+
+    methods = {"plain": {}, "draft": {"assistant_model": draft},
+               "prompt lookup": {"prompt_lookup_num_tokens": lookup}}
+    plain_tokens = {p: gen([p])[0][0] for p in prompts}
+    check, forwards = {}, {}
+    for name, spec in methods.items():
+        got = {p: gen([p], **spec) for p in prompts}
+        check[name] = all(got[p][0][0] == plain_tokens[p] for p in prompts)
+        forwards[name] = sum(f for _, f in got.values())
+    calls = {name: (lambda spec=spec: [gen([p], **spec) for p in prompts]) for name, spec in methods.items()}
+    for bs in (2, 4, 8):
+        rows = [prompts[i % len(prompts)] for i in range(bs)]
+        calls[f"plain batch {bs}"] = lambda rows=rows, k=len(prompts) // bs: [gen(rows) for _ in range(k)]
+    t0 = time.perf_counter()
+    times = compare.interleaved(calls, cycles=cycles)
+    tokens = len(prompts) * new_tokens      # every call generates this many tokens in all
+    out = {"model": "trained", "draft": "trained-draft", "dtype": "fp32", "new_tokens": new_tokens,
+           "prompt_lookup_num_tokens": lookup, "cycles": cycles, "prompts": len(prompts),
+           "seconds": round(time.perf_counter() - t0, 1), "samples_s": times, "methods": {}}
+    for name in calls:
+        ms = [t * 1000 / tokens for t in times[name]]
+        row = {"ms_per_token": statistics.median(ms), "ms_per_token_range": [min(ms), max(ms)]}
+        if name in methods:
+            row.update(tokens_identical=check[name],
+                       tokens_per_forward=len(prompts) * new_tokens / forwards[name])
+        if name != "plain":
+            c = compare.compare_times(times[name], times["plain"])
+            row["vs_plain_batch_1"] = {"ratio": c.ratio, "low": c.low, "high": c.high, "pairs": c.pairs,
+                                       "verdict": c.verdict, "sentence": c.sentence(name, "plain batch 1")}
+        out["methods"][name] = row
+        print(f"{name:>15}: {row['ms_per_token']:.2f} ms/token"
+              + (f", {row['tokens_per_forward']:.2f} tokens per forward, identical {row['tokens_identical']}"
+                 if name in methods else "")
+              + (f"; {row['vs_plain_batch_1']['sentence']}" if name != "plain" else ""), flush=True)
+    best = min(("draft", "prompt lookup"), key=lambda m: out["methods"][m]["ms_per_token"])
+    beaten = [bs for bs in (2, 4, 8) if compare.compare_times(
+        times[f"plain batch {bs}"], times[best]).verdict == compare.FASTER]
+    out["best_speculative"] = best
+    out["plain_batch_that_beats_it"] = beaten[0] if beaten else None
+    print(f"the better method at batch 1 is {best}; " + (
+        f"plain generate at batch {beaten[0]} gives cheaper tokens (per token, by the rule above)"
+        if beaten else "no plain batch up to 8 gives measurably cheaper tokens"), flush=True)
+    return out
+
+
+@cli_entry
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    p.add_argument("--out", default="benchmarks/results/speculative-cpu.json")
+    p.add_argument("--cycles", type=int, default=5)
+    p.add_argument("--new_tokens", type=int, default=40)
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    out = run(args.cycles, args.new_tokens)
+    out.update(hardware=sysinfo.hardware(), versions=sysinfo.versions())
+    results.write_json(args.out, out)
+    print(f"saved {args.out}")
+
+
+if __name__ == "__main__":
+    main()
