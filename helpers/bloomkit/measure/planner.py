@@ -20,10 +20,12 @@ The three strategies place memory differently:
     every weight matrix is split over the GPUs, and so is the KV cache (by key/value head).
     BLOOM's TP degree must divide its heads; a grouped-query model needs at least as many
     KV heads as GPUs (uneven shards otherwise allowed); nothing is offloaded.
-``ds-zero`` (ZeRO-3 inference with parameter offload)
-    parameters live in CPU RAM (or on NVMe) and stream to the GPU one module at a time;
-    each GPU runs its *own* batch, so it holds only the largest module, the prefetch bucket,
-    and the full KV cache of its stream.
+``ds-zero`` (ZeRO-3 inference, parameters partitioned or offloaded)
+    each GPU owns 1/N of the parameters and gathers a module whole just before it runs; when
+    the shares do not fit on the GPUs they are offloaded to CPU RAM (or NVMe) and streamed in
+    module by module.  Each GPU runs its *own* batch, so beside its share (none when
+    offloaded) it holds the largest module, the prefetch bucket and the full KV cache of its
+    stream.
 
 These are lower bounds on the memory a run needs: real runs also lose memory to allocator
 fragmentation and temporary buffers, so a measured out-of-memory can come earlier than the
@@ -159,14 +161,17 @@ def _max_batch(free: float, per_row: float) -> int:
 
 
 def plan(model, dtype: str = "bf16", n_gpus: int = 8, gpu_memory="80GB", cpu_ram="512GB",
-         nvme="0", prompt_tokens: int = 16, max_new_tokens: int = 100, reserve="2GiB") -> list[dict]:
+         nvme="0", prompt_tokens: int = 16, max_new_tokens: int = 100, reserve="2GiB",
+         device: str = "GPU") -> list[dict]:
     """One row per strategy: does ``model`` in ``dtype`` fit on ``n_gpus`` x ``gpu_memory``
     (with ``cpu_ram`` and ``nvme`` for offload), and with what largest batch?
 
     Sequence length = ``prompt_tokens + max_new_tokens`` (the blog: short prompts, 100 new
     tokens).  ``reserve`` is kept free on every GPU (CUDA context, kernel workspaces,
-    fragmentation).  Row keys: ``strategy, fits, weights_on, devices,
-    weights_per_device_bytes, kv_bytes_per_token_per_device, max_batch, note``.
+    fragmentation).  ``device`` names the devices in the notes and the table (``CPU`` when a
+    machine without GPUs plans for its own RAM as the one device).  Row keys: ``strategy, fits,
+    weights_on, devices, device, weights_per_device_bytes, kv_bytes_per_token_per_device,
+    max_batch, note``.
     """
     dims = model_dims(model)
     dtype = str(dtype)
@@ -191,7 +196,8 @@ def plan(model, dtype: str = "bf16", n_gpus: int = 8, gpu_memory="80GB", cpu_ram
     if per_dev <= usable:
         per_row = _extra_per_row(dims, seq, dtype, 1 / n)
         row.update(fits=True, weights_on="gpu", max_batch=_max_batch(usable - per_dev, per_row),
-                   note=f"{n} GPU(s) run one after the other: {n}x the memory, not the speed")
+                   note=(f"{n} {device}s run one after the other: {n}x the memory, not the speed" if n > 1
+                         else f"every block on the one {device}: nothing to spread"))
     else:
         spill = w - n * max(usable, 0)
         where = "cpu" if spill <= cpu else ("nvme" if spill <= cpu + disk else None)
@@ -218,7 +224,8 @@ def plan(model, dtype: str = "bf16", n_gpus: int = 8, gpu_memory="80GB", cpu_ram
     else:
         per_row = _extra_per_row(dims, seq, dtype, share)
         row.update(fits=True, weights_on="gpu", max_batch=_max_batch(usable - w / n, per_row),
-                   note=f"every matrix split {n} ways: all GPUs work on every token")
+                   note=(f"every matrix split {n} ways: all {device}s work on every token" if n > 1
+                         else f"one {device}: nothing to split (tensor parallelism needs 2 or more)"))
     rows.append(row)
 
     # ds-zero: ZeRO-3, parameters partitioned over GPUs or offloaded; one stream per GPU
@@ -244,12 +251,13 @@ def plan(model, dtype: str = "bf16", n_gpus: int = 8, gpu_memory="80GB", cpu_ram
         per_gpu = _max_batch(usable - working, per_row)
         row.update(fits=per_gpu > 0, weights_on=where, weights_per_device_bytes=working,
                    max_batch=per_gpu * n,
-                   note=(f"parameters {'partitioned over the GPUs' if where == 'gpu' else 'offloaded to ' + where}"
-                         f", streamed module by module; {n} stream(s) of {per_gpu} rows"))
+                   note=(f"parameters {'offloaded to ' + where if where != 'gpu' else 'partitioned over the ' + device + 's' if n > 1 else 'all on the one ' + device}"
+                         f", gathered module by module; "
+                         + (f"{n} streams of {per_gpu} rows" if n > 1 else f"one stream of {per_gpu} rows")))
     rows.append(row)
     for r in rows:
         r.update(model=model if isinstance(model, str) else "custom", dtype=dtype, n_gpus=n,
-                 weights_total_bytes=w)
+                 weights_total_bytes=w, device=device)
     return rows
 
 
@@ -329,11 +337,14 @@ def plan_frame(rows: list[dict]):
     import pandas as pd
 
     df = pd.DataFrame(rows)
+    dev = rows[0].get("device", "GPU") if rows else "GPU"
     unit, div = ("GB", 1e9) if df["weights_total_bytes"].max() >= 1e9 else ("MB", 1e6)
     out = pd.DataFrame({
-        "strategy": df["strategy"], "fits": df["fits"], "weights on": df["weights_on"],
-        f"{unit} per GPU": (df["weights_per_device_bytes"].astype(float) / div).round(1),
-        f"KV {'MB' if unit == 'GB' else 'kB'}/token/GPU":
+        "strategy": df["strategy"], "fits": df["fits"],
+        "weights on": df["weights_on"].replace({"gpu": dev.lower(), "gpu+cpu": f"{dev.lower()}+cpu",
+                                                "gpu+nvme": f"{dev.lower()}+nvme"}),
+        f"{unit} per {dev}": (df["weights_per_device_bytes"].astype(float) / div).round(1),
+        f"KV {'MB' if unit == 'GB' else 'kB'}/token/{dev}":
             (df["kv_bytes_per_token_per_device"].astype(float) / div * 1e3).round(2),
         "max batch": df["max_batch"].map(lambda v: "-" if v is None or v != v else int(v)),
         "why": df["note"],
