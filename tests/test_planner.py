@@ -115,27 +115,6 @@ def test_widget_and_headless_view(capsys):
     assert "BLOOM-176B in int8 on 4 x 80GB" in out and "'ds-inference': (4, 4)" in out
 
 
-@pytest.mark.notebooks
-@pytest.mark.timeout(120)
-def test_notebook_00_runs_headless(tmp_path):
-    import json
-
-    from bloomkit import notebooks
-
-    out = notebooks.execute(notebooks.NOTEBOOK_DIR / "00_memory_planner.ipynb", tmp_path / "00.ipynb",
-                            {"RESULTS_PATH": str(tmp_path / "r.jsonl")})
-    cells = json.loads(out.read_text())["cells"]
-    text = "".join(o.get("text", "") if isinstance(o.get("text", ""), str) else "".join(o["text"])
-                   for c in cells for o in c.get("outputs", []))
-    assert "tensor parallelism needs 8 GPUs" in text and "so 4 GPUs" in text and "offload: 1 GPU" in text
-    assert "fewest GPUs of 80GB" in text   # headless: the printed tables, not a widget
-    assert "accelerate: at the published oom batch 64 the countable tensors need" in text
-    assert "ds-inference: at the published oom batch 256" in text
-    assert "batch 8: predicted" in text and "MiB, measured" in text
-    assert "splits evenly over [1, 2, 4, 7, 8, 14, 16] GPUs" in text
-    assert any("image/png" in o.get("data", {}) for c in cells for o in c.get("outputs", []))
-
-
 @pytest.mark.timeout(240)
 def test_predicted_peak_is_within_20_percent_of_measured_rss():
     """The planner's terms (baseline + weights + KV cache + transient) against the peak RSS of
