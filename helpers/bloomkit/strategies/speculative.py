@@ -8,6 +8,7 @@ repository comes here for its records; the recipe itself holds the library calls
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 from typing import Callable
 
@@ -41,6 +42,19 @@ class Speculation:
             self.assistant_path = models.resolve_model(self.assistant)   # a bad name: one line, now
         self.stats["method"] = (f"draft model {self.assistant}" if self.assistant
                                 else f"prompt lookup ({self.lookup} tokens)")
+
+    @classmethod
+    def of(cls, method: str, **generate_kwargs) -> "Speculation":
+        """A speculation from ``generate``'s own keywords (``assistant_model=`` or
+        ``prompt_lookup_num_tokens=``), as a notebook writes them.
+
+        Example:
+            >>> Speculation.of("prompt lookup", prompt_lookup_num_tokens=10).stats
+            {'method': 'prompt lookup'}
+        """
+        spec = cls(argparse.Namespace())
+        spec.kwargs, spec.stats["method"], spec.lookup = dict(generate_kwargs), method, True
+        return spec
 
     @property
     def active(self) -> bool:
