@@ -103,6 +103,6 @@ def test_measured_machine_and_a_real_record(tiny_path):
                              load=lambda p, dt, dev: accel.load_model(p, dt, device=dev))
     df = roofline.table(recs, m)
     row = df.iloc[0]
-    assert row["variant"] == "accelerate fp32" and row["limited_by"] in ("memory", "compute")
+    assert row["setup"] == "accelerate fp32" and row["limited_by"] in ("memory", "compute")
     assert 0 < row["efficiency"] < 1   # nothing beats the hardware
     assert set(roofline.machine_table(m)["unit"]) == {"GB/s", "GFLOP/s"}

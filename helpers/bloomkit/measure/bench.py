@@ -71,6 +71,9 @@ def run_variant(*, strategy: str, name: str, load: Callable | None = None, path:
         with harness.LoadTimer() as lt:
             model = load(path, dtype, device)
         load_seconds = lt.seconds
+        ready_after_start = process_age_seconds()   # the real start to ready: process start included
+    else:
+        ready_after_start = None
     if hasattr(model, "hf_device_map"):
         options.setdefault("placement", placement(model))
     tok = models.load_tokenizer(path)
@@ -114,7 +117,23 @@ def run_variant(*, strategy: str, name: str, load: Callable | None = None, path:
                                           reference_perplexity=ref_ppl, perplexity_value=ppl)
             ppl = qual.get("perplexity")
         records.append(results.make_record(**common, timing=timing, generation=gen, quality=qual))
+    for r in records:   # imports, process group and load, from the process's own start
+        r["process_start_to_ready_s"] = ready_after_start
     return records
+
+
+def process_age_seconds() -> float | None:
+    """Seconds since this process started (``/proc/self/stat`` start time against
+    ``/proc/uptime``): for a launched recipe, the interpreter start, imports, process group and
+    model load before the first token is possible.  ``None`` where /proc does not say."""
+    import os
+
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def run_recipe(args, *, strategy: str, load: Callable, options: dict, world_size: int = 1,

@@ -61,6 +61,34 @@ def blog_frame(table: dict | None = None):
     return df.astype(object).where(df.notna(), "")
 
 
+def ms_spread(record: dict) -> tuple[float, float] | None:
+    """The lowest and highest ms/token of a record's timed cycles (``cycle_seconds``, scaled as
+    its median ``ms_per_token`` is); ``None`` without timed cycles.
+
+    Example:
+        >>> ms_spread({"ms_per_token": 2.0, "cycle_seconds": [0.9, 1.0, 1.2]})
+        (1.8, 2.4)
+    """
+    import statistics
+
+    cyc = record.get("cycle_seconds") or []
+    if record.get("status", "ok") != "ok" or not cyc or not isinstance(record.get("ms_per_token"), (int, float)):
+        return None
+    scale = record["ms_per_token"] / statistics.median(cyc)
+    return (min(cyc) * scale, max(cyc) * scale)
+
+
+def with_spread(record: dict, digits: int = 2) -> str:
+    """``"4.04 (3.90-4.21 over 5 cycles)"``: a record's ms/token with its cycles' range."""
+    sp = ms_spread(record)
+    if sp is None:
+        return str(record.get("ms_per_token"))
+    n = len(record["cycle_seconds"])
+    if n == 1:
+        return f"{record['ms_per_token']:.{digits}f} (1 cycle)"
+    return f"{record['ms_per_token']:.{digits}f} ({sp[0]:.{digits}f}-{sp[1]:.{digits}f} over {n} cycles)"
+
+
 def with_labels(records: list[dict]) -> list[dict]:
     """Copies of ``records`` whose options carry ``label`` (see :func:`roofline.label`)."""
     out = []
@@ -71,9 +99,26 @@ def with_labels(records: list[dict]) -> list[dict]:
     return out
 
 
-def comparison_table(records):
-    """ms/token by variant (rows) × batch size (columns), ``oom`` cells — the blog's layout."""
-    return results.blog_table(with_labels(records), index="label").rename_axis("variant")
+def comparison_table(records, spread: bool = True):
+    """ms/token by set-up (rows) × batch size (columns), ``oom`` cells — the blog's layout; with
+    ``spread`` each cell is the median and the range of its timed cycles, ``"4.04 (3.90-4.21)"``."""
+    import pandas as pd
+
+    if not spread:
+        return results.blog_table(with_labels(records), index="label").rename_axis("setup")
+    cells: dict = {}
+    for r in with_labels(records):
+        row = cells.setdefault(r["options"]["label"], {})
+        if r["batch_size"] in row:
+            continue
+        sp = ms_spread(r)
+        if r["status"] != "ok" or not isinstance(r.get("ms_per_token"), (int, float)):
+            row[r["batch_size"]] = str(r.get("ms_per_token") or r["status"])
+        else:
+            row[r["batch_size"]] = f"{fmt(round(r['ms_per_token'], 3))}" + (
+                f" ({fmt(round(sp[0], 3))}-{fmt(round(sp[1], 3))})" if sp and len(r["cycle_seconds"]) > 1 else "")
+    df = pd.DataFrame.from_dict(cells, orient="index")
+    return df[sorted(df.columns)].rename_axis("setup")
 
 
 def details_table(records):
@@ -84,16 +129,19 @@ def details_table(records):
     for r in with_labels(records):
         lab = r["options"]["label"]
         row = rows.setdefault(lab, {"model": r["model"], "world_size": r["world_size"], "load_s": None,
-                                    "peak_rss_MiB": None, "peak_gpu_MiB": None, "identical": None})
-        if r.get("load_seconds") is not None:
+                                    "start_to_ready_s": None, "peak_rss_MiB": None, "peak_gpu_MiB": None,
+                                    "identical": None})
+        if r.get("load_seconds") is not None:   # the load call alone, inside a running process
             row["load_s"] = round(float(r["load_seconds"]), 2)
+        if r.get("process_start_to_ready_s") is not None:   # from the process's start: imports included
+            row["start_to_ready_s"] = round(float(r["process_start_to_ready_s"]), 2)
         for key, col in (("peak_rss_bytes", "peak_rss_MiB"), ("cuda_max_allocated_bytes", "peak_gpu_MiB")):
             if r.get(key):
                 row[col] = max(row[col] or 0, round(r[key] / 2**20, 1))
         q = r.get("quality") or {}
         if "identical" in q:
             row["identical"] = bool(q["identical"]) if row["identical"] is None else row["identical"] and q["identical"]
-    return pd.DataFrame.from_dict(rows, orient="index").rename_axis("variant")
+    return pd.DataFrame.from_dict(rows, orient="index").rename_axis("setup")
 
 
 def fmt(v, floatfmt: str = "{:.3g}") -> str:
@@ -197,9 +245,13 @@ def _markdown(profile: str, records, per_nb, roof, machine, summary) -> str:
         return "\n".join(lines + ["No result records were found (results.jsonl is empty).", ""])
     lines += [f"## Comparison: ms per token (lower is better), from {src}", "",
               "Wall time of `generate` (tokenization included) ÷ (batch × new tokens), median of the "
-              "timed cycles after one warm-up; `oom` = did not fit.", "",
+              "timed cycles after one warm-up, and in brackets the fastest and slowest cycle; `oom` = did "
+              "not fit. Set-ups were timed one after another, not in turns: where two ranges overlap, this "
+              "table does not tell which is faster.", "",
               md_table(comparison_table(main)), "", "![ms per token](report.png)", "",
               "## Load time, peak memory, agreement with plain `generate`", "",
+              "`load_s`: the load call alone, inside the running process; `start_to_ready_s`: from the "
+              "process's start (interpreter, imports, process group, load) until the first token is possible.", "",
               md_table(details_table(main)), ""]
     if roof is not None and len(roof):
         lines += ["## Roofline: how close to the hardware limit", "",
@@ -207,7 +259,7 @@ def _markdown(profile: str, records, per_nb, roof, machine, summary) -> str:
                   "Bound = the fastest a decode step can be (weights read once per step: memory; "
                   "2 × parameters FLOPs per row: compute; offload / all-reduce traffic: link), per token. "
                   "Efficiency = bound ÷ measured.", "",
-                  md_table(_percent(roof[["variant", "batch_size", "measured_ms", "bound_ms", "limited_by",
+                  md_table(_percent(roof[["setup", "batch_size", "measured_ms", "measured_range", "bound_ms", "limited_by",
                                           "efficiency", "memory_eff", "compute_eff"]]), index=False), ""]
     elif machine is None:
         lines += ["## Roofline", "", "Not computed: these records were measured on another machine "

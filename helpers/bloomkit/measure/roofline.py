@@ -294,15 +294,23 @@ def label(record: dict) -> str:
 
 
 def table(records, machine: Machine, configs: dict | None = None):
-    """Roofline table, one row per (variant, batch size): measured, bound, efficiency."""
+    """Roofline table, one row per (set-up, batch size): measured (median and range of the timed
+    cycles), bound, efficiency."""
+    import statistics
+
     import pandas as pd
 
     rows = []
     for r in records:
         cfg = (configs or {}).get(r["model"])
         b = bound(r, machine, cfg)
-        rows.append({"variant": label(r), "batch_size": r["batch_size"], "status": r["status"],
-                     "measured_ms": b["measured_ms_per_token"],
+        cyc = r.get("cycle_seconds") or []
+        rng = ""
+        if r["status"] == "ok" and len(cyc) > 1:   # the fastest and slowest timed cycle, in ms/token
+            scale = r["ms_per_token"] / statistics.median(cyc)
+            rng = f"{min(cyc) * scale:.3g}-{max(cyc) * scale:.3g}"
+        rows.append({"setup": label(r), "batch_size": r["batch_size"], "status": r["status"],
+                     "measured_ms": b["measured_ms_per_token"], "measured_range": rng,
                      "bound_ms": b["bound_ms_per_token"], "limited_by": b["limited_by"],
                      "efficiency": b["efficiency"], "memory_bound_ms": b["memory_bound_ms"],
                      "memory_eff": b["memory_efficiency"], "compute_bound_ms": b["compute_bound_ms"],
@@ -328,7 +336,7 @@ def plot(roof, ax=None):
 
     ax = ax or plt.subplots(figsize=(6, 4))[1]
     ok = roof[roof["status"] == "ok"]
-    for i, (name, g) in enumerate(ok.groupby("variant", sort=False)):
+    for i, (name, g) in enumerate(ok.groupby("setup", sort=False)):
         g = g.sort_values("batch_size")
         color = f"C{i}"
         ax.plot(g["batch_size"], g["measured_ms"].astype(float), "o-", color=color, label=f"{name} measured")

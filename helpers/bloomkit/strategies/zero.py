@@ -584,10 +584,10 @@ def init_distributed(device: str = "cpu") -> tuple[int, int]:
                                "MASTER_PORT": str(free_port())})
         os.environ.setdefault("LOCAL_RANK", "0")  # zero.Init reads it for the local device
         try:
-            import sys
+            import io
 
             # DeepSpeed prints "... shm_comm_op built successfully" here: not the run's output
-            with contextlib.redirect_stdout(sys.stderr):
+            with contextlib.redirect_stdout(io.StringIO()):
                 deepspeed.init_distributed(dist_backend="gloo" if device == "cpu" else "nccl",
                                            verbose=False)
             if device == "cpu":
@@ -855,7 +855,9 @@ def rank_prompts(batch_size: int, base: list[str] | None, rank: int, world_size:
     every ``world_size``-th prompt starting at ``r`` (disjoint sets), repeated up to
     ``batch_size`` rows, as the blog repeats its 8 prompts.  Fewer different prompts than ranks
     cannot give every rank its own: one-line error."""
-    base = list(dict.fromkeys(base or harness.STANDARD_PROMPTS))  # duplicates are not new streams
+    from ..prompts import STANDARD_PROMPTS
+
+    base = list(dict.fromkeys(base or STANDARD_PROMPTS))  # duplicates are not new streams
     n = len(base)
     if n < world_size:
         raise UserError(f"{world_size} ranks need at least {world_size} different prompts for "
@@ -955,6 +957,49 @@ def gather_trace(model, tokenizer, prompt: str = "Peace is the only way") -> lis
         for h in hooks:
             h.remove()
     return trace
+
+
+class HookTime:
+    """Seconds spent inside the forward hooks of a model's modules, and how many hook calls."""
+
+    def __init__(self):
+        self.seconds, self.calls = 0.0, 0
+
+
+@contextlib.contextmanager
+def hook_timer(model):
+    """Time what ZeRO-3 adds to every forward: the hooks ``deepspeed.initialize`` installed on
+    each module (gather the module's partitions before its forward, release them after, plus
+    the bookkeeping around them).  Every forward pre-hook and forward hook of ``model``'s
+    modules is wrapped with a clock for the duration of the block (a plain model has none)::
+
+        with zero.hook_timer(model) as hooks:
+            model.generate(...)
+        hooks.seconds, hooks.calls
+    """
+    spent = HookTime()
+
+    def timed(fn):
+        def wrapper(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent.seconds += time.perf_counter() - t0
+                spent.calls += 1
+        return wrapper
+
+    saved = []
+    for m in model.modules():
+        for hooks in (m._forward_pre_hooks, m._forward_hooks):
+            for key, fn in list(hooks.items()):
+                saved.append((hooks, key, fn))
+                hooks[key] = timed(fn)
+    try:
+        yield spent
+    finally:
+        for hooks, key, fn in saved:
+            hooks[key] = fn
 
 
 def roofline_ms_per_token(weight_bytes: int, bandwidth: float, batch_size: int) -> float:
@@ -1103,7 +1148,7 @@ def run_variant(path, name: str, *, offload: str = "none", dtype: str = "fp32", 
                 quant_bits: int | None = None, quant_group_size: int | None = None, nvme_path=None,
                 batch_sizes=(1,), max_new_tokens: int = 20, cycles: int | None = None,
                 verify: bool = False, prompts: list[str] | None = None) -> list[dict]:
-    """One ZeRO-Inference variant in *this* process, recorded as the recipe records it (one
+    """One ZeRO-Inference set-up in *this* process, recorded as the recipe records it (one
     rank): :func:`prepare` -> :func:`load` -> :func:`bloomkit.measure.bench.run_variant`,
     ``options.zero`` with :func:`offload_info`, the partition bytes, the swap files and the disk
     bytes read per token.  Swap files are removed afterwards."""
