@@ -8,7 +8,7 @@ PARAMS = {"trained": None, ODD: {"MAX_NEW_TOKENS": 8}}
 BUILD = ()
 TIMEOUT = 300
 CLAIMS = {"*": ["identical_to_plain", "tokens_per_forward", "speed_prompt_lookup", "batch_vs_speculative"],
-          "trained": ["speed_draft", "draft_step_cost"]}
+          "trained": ["speed_draft", "draft_step_cost", "draft_forwards_per_model_forward"]}
 
 
 def check(run):
