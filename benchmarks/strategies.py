@@ -2,7 +2,7 @@
 """Benchmarks of the DeepSpeed strategies, measured on this machine; prints and saves JSON.
 
     python benchmarks/strategies.py [--out benchmarks/results/strategies-cpu.json]
-                                    [--only tp tp_compile preshard zero zero_nvme_4bit]
+                                    [--only tp tp_compile preshard zero zero_nvme_4bit native_tp]
 
 With --only, the other parts already in --out are kept.
 
@@ -18,6 +18,9 @@ With --only, the other parts already in --out are kept.
 * zero_nvme_4bit: fp32 vs 4-bit weights, both swapped to NVMe, on ``bench`` (97 fp32 / 73 4-bit
   partitions on disk), launches interleaved (fp32, 4-bit, fp32, 4-bit, ...) with the bytes each
   read from disk per token (``/proc/<pid>/io``) and the disk's bandwidth measured around each.
+
+* native_tp: transformers' own TP (``recipes/transformers_tp.py``) against DeepSpeed's AutoTP at TP=2 on
+  ``bench-llama``, launches taking turns over 5 rounds, both checked against plain fp32 ``generate``.
 
 Every number is a real launch of the recipes (2 cores: ``zero_nvme_4bit`` takes ~15 minutes).
 """
@@ -98,6 +101,38 @@ def _verdict(rows: list[dict], a: str, b: str, batch_size: int) -> dict:
             "sentence": c.sentence(a, b)}
 
 
+def native_vs_autotp(name: str = "bench-llama", batch_sizes=(1, 8), new_tokens: int = 16, cycles: int = 2,
+                     rounds: int = 5) -> dict:
+    """transformers' own tensor parallelism (``recipes/transformers_tp.py``, DTensor) against DeepSpeed's
+    AutoTP (``recipes/ds_inference.py``), both TP=2 on CPU ranks, one launch of each per round, taking
+    turns.  The first round checks both against plain fp32 ``generate`` (``--verify``); per batch size
+    the rounds' ms/token pair up for :func:`bloomkit.measure.compare.compare_times` (a verdict needs 5)."""
+    bs = ",".join(map(str, batch_sizes))
+    engines = {"transformers": ("transformers_tp.py", "torchrun"), "deepspeed": ("ds_inference.py", "deepspeed")}
+    rows = []
+    for k in range(rounds):
+        for label, (script, launcher) in engines.items():
+            recs = launch.launch_records(script, [
+                "--name", name, "--batch_size", bs, "--max_new_tokens", str(new_tokens), "--benchmark",
+                "--cycles", str(cycles), *(["--verify"] if k == 0 else [])], 2, launcher=launcher, timeout=1800)
+            for r in recs:
+                rows.append({"engine": label, "round": k, "batch_size": r["batch_size"],
+                             "ms_per_token": r["ms_per_token"], "load_s": r["load_seconds"],
+                             "identical": (r.get("quality") or {}).get("identical")})
+            print(rows[-1], flush=True)
+    summary = {}
+    for b in batch_sizes:
+        pick = lambda e: [r["ms_per_token"] for r in rows if r["engine"] == e and r["batch_size"] == b]  # noqa: E731
+        c = compare.compare_times(pick("transformers"), pick("deepspeed"))
+        summary[b] = {"ratio": c.ratio, "low": c.low, "high": c.high, "pairs": c.pairs, "verdict": c.verdict,
+                      "sentence": c.sentence("transformers' TP", "DeepSpeed AutoTP") + f" at batch {b}"}
+        print(summary[b]["sentence"], flush=True)
+    return {"model": name, "dtype": "fp32", "tp_size": 2, "new_tokens": new_tokens, "cycles": cycles,
+            "rounds": rounds, "rows": rows, "summary": summary,
+            "identical": {e: all(r["identical"] for r in rows if r["engine"] == e and r["round"] == 0)
+                          for e in engines}}
+
+
 def honest_zero(part: dict) -> dict:
     """The ``zero`` part with its NVMe 4-bit rows labelled by what they did: on a model whose
     4-bit partitions mostly stay under the 1 MiB swap threshold, "nvme 4-bit" is not a disk
@@ -127,6 +162,7 @@ PARTS = {
     "preshard": lambda: microbench.preshard_load_ratio("bench", 2, repeats=5),
     "zero": lambda: honest_zero(microbench.zero_offload("small")),
     "zero_nvme_4bit": lambda: zero_nvme_4bit("bench"),
+    "native_tp": lambda: native_vs_autotp("bench-llama"),
 }
 
 

@@ -40,8 +40,8 @@ def _assert_identical(ref, rec):
 
 @pytest.fixture(scope="module")
 def tp2_records():
-    return launch.launch_records(RECIPE, ["--max_new_tokens", str(N_NEW), "--batch_size", f"1,{BS}"],
-                                 2, timeout=600)
+    return launch.launch_records(RECIPE, ["--max_new_tokens", str(N_NEW), "--batch_size", f"1,{BS}",
+                                          "--compare_to", "one_process"], 2, timeout=600)
 
 
 @pytest.fixture(scope="module")
@@ -154,11 +154,29 @@ def test_int8_under_tp_really_stores_int8_shards(tp2_record):
     (["--dtype", "nf4"], ["nf4", "Accelerate", "--dtype int8"]),
     (["--kernel_inject", "on"], ["transformers<=4.43.4", "make setup-legacy", "--kernel_inject off"]),
     (["--kernel_inject", "on", "--dtype", "int8"], ["deepspeed<0.15.2", "--kernel_inject off",
-                                                    "--ds_checkpoint", "--save_shards"]),
+                                                    "--ds_checkpoint", "--save_shards"]),    (["--compare_to", "eager"], ["--compare_to eager", "add --compile"]),
+    (["--compare_to", "one_process", "--dtype", "int8"], ["--compare_to one_process", "int8", "--dtype fp32"]),
 ])
 def test_bad_input_is_one_line(args, needles, capsys):
     proc = run_recipe_inprocess(RECIPE, ["--max_new_tokens", "2", *args], capsys)
     assert_one_line_error(proc, *needles)
+
+
+@pytest.mark.timeout(300)
+def test_compare_to_one_process_times_pairs_in_turns(tp2_records):
+    """--compare_to one_process: TP=2 and plain generate in rank 0 alone (with both ranks'
+    threads), timed in turns inside the launch; the same tokens in fp32; the waiting rank sleeps."""
+    for rec in tp2_records:
+        _check_comparison(rec)
+
+
+def _check_comparison(rec):
+    c = rec["comparison"]
+    assert c["against"] == "one_process" and c["a_label"] == "TP=2" and c["pairs"] == 5
+    assert len(c["a"]) == len(c["b"]) == 5 and min(c["a"] + c["b"]) > 0
+    assert c["same_tokens"] is True and c["max_new_tokens"] == min(N_NEW, 8)
+    assert len(c["waiting_ranks_cpu_s"]) == 1 and c["waiting_ranks_cpu_s"][0] < sum(c["b"])
+    assert rec["process_start_to_ready_s"] >= rec["load_seconds"] > 0 and rec["ready_unix_time"] > 0
 
 
 def test_int8_without_a_backend_is_one_line(capsys, monkeypatch):

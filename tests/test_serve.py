@@ -461,25 +461,14 @@ def test_killed_rank_ends_the_server(tp2_server):
     _no_leftovers(tp2_server, pids)
 
 
-# ---------------------------------------------------------------------------- notebook
-
-@pytest.mark.notebooks
-@pytest.mark.timeout(300)
-@pytest.mark.parametrize("model", ["trained", "odd-llama"])
-def test_notebook_06_runs(tmp_path, model):
-    from bloomkit import models, notebooks
-    from conftest import NOTEBOOKS
-
-    if model != "trained":  # generated once, outside the timed notebook
-        models.ensure_preset(model)
-    out = notebooks.execute(NOTEBOOKS / "06_serving.ipynb", tmp_path / "06.ipynb",
-                            {"MODEL_NAME": model, "MAX_NEW_TOKENS": 4, "CYCLES": 1, "CONCURRENCIES": [1, 4],
-                             "MIXED_TOKENS": [2, 6]})
-    nb = json.loads(out.read_text())
-    text = "".join(o.get("text", "") if isinstance(o.get("text"), str) else "".join(o.get("text", []))
-                   for c in nb["cells"] for o in c.get("outputs", []))
-    assert "equals plain generate" in text and "Errors: 0" in text and "differed from their prompt's answer alone: 0" in text
-    assert "Lengths 2-6: time to first token p50 at 4 clients" in text and "Mismatches: 0." in text
-    assert "Prefill first: time to first token p50 at 4 clients" in text
-    assert text.count("Mismatches: 0.") == 2
-    assert any("image/png" in o.get("data", {}) for c in nb["cells"] for o in c.get("outputs", []))
+def test_latency_spread_shows_percentiles_only_with_enough_requests():
+    def reqs(n):
+        return [{"ttft": 0.01 * (i + 1), "tpot": 0.002, "e2e": 0.05, "error": None, "tokens": 4, "start": 0.0,
+                 "prompt": "x", "text": "a"} for i in range(n)]
+    few = loadtest.summarize(reqs(5), None, {"arrivals": "fixed", "concurrency": 1})
+    many = loadtest.summarize(reqs(12), None, {"arrivals": "fixed", "concurrency": 4})
+    assert (few["ttft_min_ms"], few["ttft_median_ms"], few["ttft_max_ms"], few["ttft_n"]) == (10.0, 30.0, 50.0, 5)
+    assert loadtest.spread(few, "ttft") == "30.0 (10.0-50.0)"
+    assert loadtest.spread(many, "ttft") == f"p50 {many['ttft_p50_ms']:.1f} / p90 {many['ttft_p90_ms']:.0f}"
+    table = loadtest.spread_table([few, many])
+    assert "p90" not in table.splitlines()[1] and "p50" in table.splitlines()[2]

@@ -294,10 +294,13 @@ def _cold_compile_cache(cold: bool):
 
 def compile_speedup(name: str = "bench", dtype: str = "fp32", batch_sizes=(1, 8),
                     new_tokens: int = 20, rounds: int = 5, device: str = "cpu", machine=None,
-                    model=None, tokenizer=None, prompts=None, cold: bool = True) -> list[dict]:
+                    model=None, tokenizer=None, prompts=None, cold: bool = True,
+                    compile_s: dict | None = None) -> list[dict]:
     """Plain ``generate`` against ``generate`` with a static KV cache and the decode step
     compiled (:func:`harness.compile_kwargs`), on *one* loaded model, interleaved call by call
-    (eager, compiled, eager, ...) so that drift on a shared machine hits both alike.
+    (eager, compiled, eager, ...: :func:`bloomkit.measure.compare.interleaved`) so that drift on
+    a shared machine hits both alike.  ``*_step_samples_ms`` and ``*_call_samples_s`` keep every
+    timed call, in pairs, for :func:`bloomkit.measure.compare.compare_times`.
 
     Per batch size: the first compiled call's extra time over an eager call (``compile_s``,
     the one-off price), the median time to first token and decode step of each, their
@@ -309,8 +312,11 @@ def compile_speedup(name: str = "bench", dtype: str = "fp32", batch_sizes=(1, 8)
     (:func:`roofline.linears_seconds`), so "what compilation removed" is the part outside
     the linears.  ``model``/``tokenizer``: already loaded (else ``name`` is loaded here).
     ``cold``: compile into an empty inductor cache, as on a first run; inductor keeps compiled
-    kernels on disk, and a second run of the same shapes compiles several times faster."""
-    from .measure import roofline
+    kernels on disk, and a second run of the same shapes compiles several times faster.
+    ``compile_s``: ``{batch size: seconds}`` already measured in this process for shapes compiled
+    before this call (a lesson's own ``generate`` call on the same rows and new tokens): the first
+    call here then compiles nothing (``compiled_earlier``), and that time is reported instead."""
+    from .measure import compare, roofline
 
     if model is None:
         path, model, tokenizer = _load(name, dtype, device_map="none", device=device)
@@ -333,16 +339,27 @@ def compile_speedup(name: str = "bench", dtype: str = "fp32", batch_sizes=(1, 8)
 
         eager0, eager_s = call()                   # warm-up of the eager path
         eager0, eager_s = call()
+        before = harness.compiled_graphs()
         with _cold_compile_cache(cold):            # traces and compiles this batch size
             first, first_s = call(**kw)
         graphs = harness.compiled_graphs()
-        runs = {"eager": [], "compiled": []}
-        for i in range(rounds):
-            for v in (("eager", "compiled") if i % 2 == 0 else ("compiled", "eager")):
-                runs[v].append(call(**(kw if v == "compiled" else {})))
+        earlier = graphs == before                 # nothing compiled: these shapes were compiled before
+        known = (compile_s or {}).get(bs) if earlier else None
+        gens = {"eager": [], "compiled": []}
+
+        def side(v):
+            extra = kw if v == "compiled" else {}
+            return lambda: gens[v].append(harness.generate(model, tokenizer, rows_in, new_tokens, **extra))
+
+        # the project's one way to time two sides: in turns, each pair on the same machine state
+        secs = compare.interleaved({v: side(v) for v in gens}, cycles=rounds, warmup=0,
+                                   sync=harness.cuda_sync)
+        runs = {v: list(zip(gens[v], secs[v])) for v in gens}
         row = {"model": name, "dtype": dtype, "device": device, "batch_size": bs,
                "new_tokens": new_tokens, "rounds": rounds, "cold_cache": cold,
-               "compile_s": first_s - eager_s, "first_compiled_call_s": first_s,
+               "compile_s": known if known is not None else first_s - eager_s,
+               "first_compiled_call_s": eager_s + known if known is not None else first_s,
+               "compiled_earlier": earlier,
                "recompiles": harness.compiled_graphs() - graphs,
                "identical": all(g.tokens == eager0.tokens for g, _ in runs["compiled"] + [(first, 0)])}
         for v, calls in runs.items():
@@ -350,6 +367,8 @@ def compile_speedup(name: str = "bench", dtype: str = "fp32", batch_sizes=(1, 8)
             row[f"{v}_ttft_ms"] = statistics.median(g.step_times[0] * 1e3 for g, _ in calls)
             row[f"{v}_step_ms"] = statistics.median(steps)
             row[f"{v}_ms_per_token"] = statistics.median(s for _, s in calls) * 1e3 / (bs * new_tokens)
+            row[f"{v}_step_samples_ms"] = steps              # one per timed call, in the order taken
+            row[f"{v}_call_samples_s"] = [s for _, s in calls]
         e, c = row["eager_step_ms"], row["compiled_step_ms"]
         lin = roofline.linears_seconds(model, bs) * 1e3
         row.update(step_ratio=c / e, ms_per_token_ratio=row["compiled_ms_per_token"] / row["eager_ms_per_token"],

@@ -31,6 +31,7 @@ import argparse
 import asyncio
 import json
 import random
+import statistics
 import sys
 import time
 from urllib.parse import urlparse
@@ -164,6 +165,10 @@ def summarize(results: list[dict], expected: dict | None = None, label: dict | N
         vals = [r[key] * 1e3 for r in ok if r[key] is not None]
         for q in (50, 90, 99):
             row[f"{key}_p{q}_ms"] = pct(vals, q)
+        row[f"{key}_min_ms"] = min(vals) if vals else None
+        row[f"{key}_median_ms"] = statistics.median(vals) if vals else None
+        row[f"{key}_max_ms"] = max(vals) if vals else None
+        row[f"{key}_n"] = len(vals)
     if expected is not None:
         row["mismatches"] = sum(1 for r in ok if not matches(expected.get(r["prompt"]), r, reference_tokens))
     row["first_error"] = next((r["error"] for r in results if r["error"]), None)
@@ -222,6 +227,36 @@ def table(result: dict) -> str:
                      f"{f(r['e2e_p50_ms']):>8} {f(r['e2e_p99_ms']):>8} {r['errors']:>4} "
                      f"{r.get('mismatches', '-'):>4}")
     return "\n".join(lines) + "\n(times in ms)"
+
+
+MIN_FOR_PERCENTILES = 10   # fewer values than this: min / median / max, never a p90 or p99
+
+
+def spread(row: dict, key: str) -> str:
+    """One latency of a :func:`summarize` row as a reader should see it: ``p50 / p90`` from
+    :data:`MIN_FOR_PERCENTILES` values on, else ``median (min-max)``, in ms."""
+    n = row.get(f"{key}_n") or 0
+    if not n:
+        return "-"
+    f = lambda v: f"{v:.1f}" if v < 100 else f"{v:.0f}"  # noqa: E731
+    if n >= MIN_FOR_PERCENTILES:
+        return f"p50 {f(row[f'{key}_p50_ms'])} / p90 {f(row[f'{key}_p90_ms'])}"
+    return f"{f(row[f'{key}_median_ms'])} ({f(row[f'{key}_min_ms'])}-{f(row[f'{key}_max_ms'])})"
+
+
+def spread_table(runs: list[dict]) -> str:
+    """Runs side by side with :func:`spread` latencies: percentiles only where a run has enough
+    requests for them."""
+    cols = [("TTFT", "ttft"), ("TPOT", "tpot"), ("end to end", "e2e")]
+    head = f"{'clients':>8} {'requests':>8} {'tokens/s':>9} " + " ".join(f"{c:>22}" for c, _ in cols)
+    lines = [head]
+    for r in runs:
+        tag = r.get("concurrency", r.get("rate", "-"))
+        tps = r["output_tokens_per_s"]
+        lines.append(f"{tag!s:>8} {r['requests']:>8} {(f'{tps:.1f}' if tps else '-'):>9} "
+                     + " ".join(f"{spread(r, k):>22}" for _, k in cols))
+    return "\n".join(lines) + (f"\n(ms; 'p50 / p90' from {MIN_FOR_PERCENTILES} requests on, "
+                               "else 'median (min-max)')")
 
 
 def _list(cast):

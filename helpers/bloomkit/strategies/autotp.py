@@ -309,14 +309,33 @@ def block_shapes(model, config, block: int = 0) -> dict:
     return out
 
 
-def planned_shapes(config, tp_size: int, rank: int = 0) -> "object":
+def tp_grain_size() -> int:
+    """The MLP / output-head granularity DeepSpeed's AutoTP cuts by (``tensor_parallel.tp_grain_size``
+    of ``init_inference``'s config; 64 by default): read from DeepSpeed's own config class."""
+    from deepspeed.inference.config import DeepSpeedTPConfig
+
+    return int(DeepSpeedTPConfig().tp_grain_size)
+
+
+def planned_shapes(config, tp_size: int, rank: int = 0, grain: int | None = None) -> "object":
     """Per-rank shapes of one decoder block's linears under AutoTP, from the config alone: a
     pandas table, to read next to :func:`block_shapes` of a real run.
 
     DeepSpeed is asked, not imitated: ``AutoTP.tp_parser`` on a meta-device skeleton names the
-    row-parallel layers (an all-reduce after them), every other linear is column-parallel,
-    and DeepSpeed's ``get_shard_size`` gives the rows (or columns) ``rank`` keeps — by whole
-    key/value heads for attention projections, near-even for the MLP."""
+    row-parallel layers (an all-reduce after them; AutoTP adds any ``down_proj``), every other
+    linear is column-parallel, and DeepSpeed's ``get_shard_size`` -- with the metadata AutoTP
+    builds (``AutoTPMeta.from_model_config`` with ``init_inference``'s default ``tp_grain_size``,
+    :func:`tp_grain_size`) and the layer's name inside the block, as AutoTP passes them -- gives
+    the rows (or columns) ``rank`` keeps:
+
+    * attention projections whose width divides by the key/value heads: whole key/value heads
+      (the first ``kv_heads % tp_size`` ranks one more);
+    * MLP layers (a name with ``mlp``, ``gate_proj``/``up_proj``/``down_proj``, ...): in grains of
+      ``grain`` columns, the first ranks one grain more, the remainder of a width that is no
+      multiple of the grain to the last rank; a width under one grain near-evenly.
+
+    So a Llama MLP of width 176 at TP=2 is cut 64 + 112 (two whole grains of 64, one per rank,
+    and the remaining 48 columns to the last rank), not 88 + 88.  ``grain``: another ``tp_grain_size`` than DeepSpeed's default."""
     import pandas as pd
     import torch
     from deepspeed.module_inject.auto_tp import AutoTP
@@ -324,13 +343,13 @@ def planned_shapes(config, tp_size: int, rank: int = 0) -> "object":
 
     model = meta_model(config, "fp32")
     allreduce = {n for _, names in AutoTP.tp_parser(model) for n in names}
-    meta = AutoTPMeta.from_model_config(config)
+    meta = AutoTPMeta.from_model_config(config, tp_grain_size=grain or tp_grain_size())
     prefix, blocks = arch.decoder_blocks(model)
     rows = []
     for name, m in blocks[0].named_modules():
         if isinstance(m, torch.nn.Linear):
             out_f, in_f = m.weight.shape
-            is_row = any(name.endswith(a.lstrip(".")) for a in allreduce)
+            is_row = "down_proj" in name or any(name.endswith(a.lstrip(".")) for a in allreduce)
             if is_row:
                 shard = [out_f, get_shard_size(in_f, tp_size, meta, name, rank)]
             else:
@@ -342,7 +361,8 @@ def planned_shapes(config, tp_size: int, rank: int = 0) -> "object":
                                      "communication"])
     heads, kv = arch.heads_of(config), arch.kv_heads_of(config)
     kv_rank = kv // tp_size + (1 if rank < kv % tp_size else 0)
-    df.attrs.update(kv_heads_per_rank=kv_rank, heads_per_rank=kv_rank * heads // kv)
+    df.attrs.update(kv_heads_per_rank=kv_rank, heads_per_rank=kv_rank * heads // kv,
+                    grain=meta.tp_grain_size)
     return df
 
 

@@ -13,6 +13,7 @@ and what only BLOOM needs (ALiBi, the fused-kernel route) in :mod:`~bloomkit.str
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -74,6 +75,13 @@ def add_package_flags(parser) -> None:
     g.add_argument("--allow_pickle", action="store_true",
                    help="let --ds_checkpoint load pickled .pt/.bin files (they can run code: "
                         "only for files you trust)")
+    g.add_argument("--compare_to", choices=["one_process", "eager"], default=None,
+                   help="also time this launch's generate in turns with another set-up, inside the "
+                        "launch (same machine state): one_process = plain generate in rank 0 alone "
+                        "with every rank's threads (the others wait); eager = the same TP model "
+                        "without --compile (needs --compile); --pairs pairs per batch size at "
+                        "min(--max_new_tokens, 8) new tokens (compiled: --max_new_tokens)")
+    g.add_argument("--pairs", type=int, default=5, help="interleaved pairs for --compare_to")
     g.add_argument("--comm_timeout", type=int, default=300,
                    help="seconds a collective may wait for a silent rank before failing")
 
@@ -173,6 +181,14 @@ def prepare(args) -> TPSetup:
     if args.compile and engine == "kernel-inject":
         raise UserError("--compile applies to AutoTP (--kernel_inject off): DeepSpeed's fused "
                         "kernels are already one launch per block and are not traceable")
+    if getattr(args, "compare_to", None) and args.pairs < 1:
+        raise UserError(f"--pairs must be >= 1, got {args.pairs} (a verdict needs 5)")
+    if getattr(args, "compare_to", None) == "eager" and not args.compile:
+        raise UserError("--compare_to eager times the compiled decode step against the eager one: "
+                        "add --compile")
+    if getattr(args, "compare_to", None) == "one_process" and dtype == "int8":
+        raise UserError("--compare_to one_process runs plain generate beside TP in the same dtype; "
+                        "int8 exists only under TP: use --dtype fp32 or bf16")
     if args.save_shards:
         tp_shards.prepare_dir(args.save_shards)
     return TPSetup(device=device, dtype=dtype, path=shared["path"],
@@ -269,6 +285,8 @@ def run(args, load: Callable | None = None) -> list[dict]:
     barrier()  # every rank starts the load clock together: a rank still importing is not load time
     with harness.PeakRSS() as rss, harness.LoadTimer() as lt:
         model, source = _load(args, s, load)
+    ready_unix_time = time.time()   # the first token is possible from here on
+    ready_after_start = bench.process_age_seconds()   # interpreter start, imports, group, load
     load_rss = gather(rss.peak)
     if args.save_shards and s.engine == "kernel-inject":
         barrier()  # every rank has written its tp_RR_PP.pt files (inside init_inference)
@@ -304,6 +322,11 @@ def run(args, load: Callable | None = None) -> list[dict]:
         load=None, model=model, load_seconds=lt.seconds, options=options,
         prompts=s.base_prompts, cycles=args.cycles if args.benchmark else None,
         verify=False, budget=s.budget, world_size=world_size(), compile=args.compile)
+    for r in records:
+        r["process_start_to_ready_s"] = ready_after_start
+        r["ready_unix_time"] = ready_unix_time
+    if getattr(args, "compare_to", None):
+        compare_in_launch(args, s, model, records)
     if args.verify:
         from ..prompts import eval_texts
 
@@ -316,6 +339,79 @@ def run(args, load: Callable | None = None) -> list[dict]:
         for r in records:
             print(cli.summary_line(r), flush=True)
     return records
+
+
+def compare_in_launch(args, s: TPSetup, model, records) -> None:
+    """Time this launch's TP ``generate`` in turns with another set-up, inside the launch, so
+    each pair of samples saw the same machine (:mod:`bloomkit.measure.compare`'s rule): one
+    warm-up each, then ``--pairs`` pairs per batch size at ``min(--max_new_tokens, 8)`` tokens
+    (with ``--compile``: at ``--max_new_tokens``, the length the static cache was compiled for).
+
+    * ``one_process``: rank 0 also holds the plain model and runs ``generate`` alone with every
+      rank's threads (``torch.set_num_threads``), while the other ranks wait in a barrier
+      (gloo: asleep, their CPU time is recorded) — TP=1 on the same cores, in the same minute.
+    * ``eager``: every rank runs the same TP model without the compiled decode step.
+
+    Adds ``comparison`` to each of rank 0's records: the per-pair seconds ``a`` (this launch's
+    set-up) and ``b`` (the other), their labels, the tokens each gave.  Collective."""
+    import torch
+
+    from ..measure import harness
+
+    tok = harness_tok(s.path)
+    # compiled: the launch's own --max_new_tokens, the static cache's length the graph was built
+    # for (another length would compile again); eager only: a few tokens are enough
+    n_new = args.max_new_tokens if args.compile else min(args.max_new_tokens, 8)
+    extra = harness.compile_kwargs(s.device) if args.compile else {}
+    threads = torch.get_num_threads()
+    plain = None
+    if args.compare_to == "one_process" and is_main():
+        plain = autotp.load_full(s.ref_path, s.dtype)
+        if s.device == "cuda":
+            plain = plain.to("cuda")
+
+    def side_a(rows):
+        return harness.generate(model, tok, rows, n_new, **extra)
+
+    def side_b(rows):
+        if args.compare_to == "eager":
+            return harness.generate(model, tok, rows, n_new)
+        out = None
+        cpu0 = time.process_time()
+        if is_main():
+            torch.set_num_threads(threads * world_size())
+            try:
+                out = harness.generate(plain, tok, rows, n_new)
+            finally:
+                torch.set_num_threads(threads)
+        barrier()   # the other ranks wait here while rank 0 runs alone
+        waited.append(time.process_time() - cpu0)
+        return out
+
+    for rec in records:
+        if rec["status"] != "ok":
+            continue
+        rows = harness.make_prompts(rec["batch_size"], s.base_prompts)
+        a, b, waited = [], [], []
+        tokens = {}
+        for i in range(1 + args.pairs):      # the first pair warms both up, untimed
+            for side, fn, times in (("a", side_a, a), ("b", side_b, b)):
+                barrier()
+                t0 = time.perf_counter()
+                gen = fn(rows)
+                if i:
+                    times.append(time.perf_counter() - t0)
+                if gen is not None:
+                    tokens[side] = gen.tokens
+        idle = gather(sum(waited))
+        if is_main():
+            labels = {"one_process": (f"TP={s.tp_size}", f"one process ({threads * world_size()} threads)"),
+                      "eager": ("compiled", "eager")}[args.compare_to]
+            rec["comparison"] = {
+                "against": args.compare_to, "a_label": labels[0], "b_label": labels[1],
+                "a": a, "b": b, "pairs": args.pairs, "max_new_tokens": n_new,
+                "threads_per_rank": threads, "same_tokens": tokens.get("a") == tokens.get("b"),
+                "waiting_ranks_cpu_s": idle[1:] if args.compare_to == "one_process" else None}
 
 
 def compile_safe_all_reduce() -> bool:

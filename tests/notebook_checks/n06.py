@@ -1,0 +1,62 @@
+"""Notebook 06 (an OpenAI-compatible server with continuous batching): the served answer equals
+plain ``generate``; a static batch (``generate`` on the same N prompts at once) against the same
+N requests to the server, and one client against the most clients, each from interleaved pairs
+with their samples; no errors and no answer that differs from its prompt's answer alone; the
+refusal of a too-large ``max_tokens`` printed whole, with the number that would fit.
+
+The notebook writes no result records: its claims carry their own samples, and the checks are
+that each printed number agrees with them."""
+import re
+import statistics
+
+from nbtools import ODD
+
+PARAMS = {"trained": None,
+          ODD: {"MAX_NEW_TOKENS": 8, "CYCLES": 1, "CONCURRENCIES": [1, 4], "MIXED_TOKENS": [4, 12]}}
+BUILD = ()
+TIMEOUT = 600
+CLAIMS = {"*": ["served_tokens_identical", "static_vs_served_wall", "static_vs_served_ttft", "scaling_throughput",
+                "scaling_tpot", "scaling_ttft", "mixed_vs_fixed_ttft", "prefill_thread_ttft"]}
+
+
+def _ms(seconds):
+    return f"{statistics.median(seconds) * 1e3:.0f} ms"
+
+
+def check(run):
+    assert run.value("served_tokens_identical") is True
+    assert "server answer equals plain generate's greedy answer" in run.output_of("served_tokens_identical")
+
+    wall, ttft = run.claim("static_vs_served_wall"), run.claim("static_vs_served_ttft")
+    assert wall["mismatches"] == 0 and wall["pairs"] >= 5 and ttft["pairs"] == wall["pairs"]
+    shown = run.output_of("static_vs_served_wall")
+    n, tok = wall["n"], wall["n"] * wall["max_tokens"]
+    # absolute times beside the ratios, printed from the very samples of the verdicts
+    assert f"static batch: {tok} tokens in {_ms(wall['b'])} (median)" in shown
+    assert f"server:       {tok} tokens in {_ms(wall['a'])} (median)" in shown
+    assert f"first token after {_ms(ttft['b'])} for every row" in shown
+    assert f"first token after {_ms(ttft['a'])} (median request)" in shown
+    assert "Answers that differed from their prompt's answer alone: 0." in shown
+
+    tp = run.claim("scaling_throughput")
+    top = tp["clients"]
+    assert top == n and top > 1 and tp["pairs"] >= 5
+    for side, key in ((str(top), "a"), ("1", "b")):   # tokens/s medians are 1 / the samples'
+        assert abs(tp["tokens_per_s"][side] - statistics.median(1 / x for x in tp[key])) < 1e-6 * tp["tokens_per_s"][side]
+    scaling = run.output_of("scaling_throughput")
+    assert f"Per pair, {top}x the clients gave" in scaling
+    assert "Errors and answers that differed from their prompt's answer alone: 0." in scaling
+    for name in ("scaling_tpot", "scaling_ttft", "mixed_vs_fixed_ttft", "prefill_thread_ttft"):
+        c = run.claim(name)
+        assert c["clients"] == top and c["pairs"] >= 5 and len(c["a"]) == len(c["b"]) == c["pairs"], name
+    text = run.text()
+    assert text.count("Mismatches: 0.") == 2
+    mixed = run.claim("mixed_vs_fixed_ttft")
+    assert f"mean {mixed['mean_drawn']:.1f} tokens" in run.output_of("mixed_vs_fixed_ttft")
+
+    # the refusal is printed whole: the number that would fit is there
+    assert re.search(r"max_tokens too large: 400 max_tokens: .*use max_tokens\s+\d+ or less", text, re.S)
+    # percentiles only where a run has enough requests: the load table says which it shows
+    assert "'p50 / p90' from 10 requests on" in text
+    assert not re.search(r"\bp99\b", text)
+    assert any("image/png" in o.get("data", {}) for c in run.code_cells for o in c.get("outputs", []))
