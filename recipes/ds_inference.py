@@ -3,8 +3,9 @@
 
 The blog's ``bloom-ds-inference.py`` on today's libraries.  Copy this file anywhere: it needs
 only torch, transformers and deepspeed.  The launcher starts one process per rank; each reads
-the whole checkpoint, ``deepspeed.init_inference`` keeps that rank's 1/N of every layer (N = the
-launched ranks) and the ranks sum their partial results after each row-parallel layer.  Examples::
+the whole checkpoint, ``deepspeed.init_inference`` keeps that rank's slice of every layer (N = the
+launched ranks: whole key/value heads, MLP columns in grains of 64, so a width that 64·N does not
+divide gives the first ranks more) and the ranks sum their partial results after each row-parallel layer.  Examples::
 
     # BLOOM-176B on 8x80GB, bf16 (AutoTP; the blog's fused kernels need transformers<=4.43.4)
     deepspeed --num_gpus 8 ds_inference.py --name bigscience/bloom --dtype bf16 \\
@@ -18,8 +19,9 @@ Inside the repository, where the ``bloomkit`` package is importable, the same fi
 (result records), ``--eval_file``, ``--memory_budget``, ``--compile`` and ``--device``; TP's
 ``--tp_size``, ``--comm_timeout``, ``--save_shards DIR`` / ``--load_shards DIR`` (each rank writes,
 then reads, only its own slice: a fast start), ``--ds_checkpoint JSON`` (``--allow_pickle``:
-DeepSpeed's checkpoint json) and ``--dtype int8`` (int8 AutoTP slices, or DeepSpeed's int8 kernels
-from its pre-sharded files); ``--name`` may then be an embedded model (``tiny``, ``tiny-llama``,
+DeepSpeed's checkpoint json), ``--dtype int8`` (int8 AutoTP slices, or DeepSpeed's int8 kernels
+from its pre-sharded files) and ``--compare_to one_process|eager`` (``--pairs N``: TP against one
+process, or compiled against eager, timed in turns inside the launch); ``--name`` may then be an embedded model (``tiny``, ``tiny-llama``,
 ...), and every bad flag or model file is one line::
 
     deepspeed --num_accelerators 2 recipes/ds_inference.py --name bench --save_shards /tmp/bench-tp2

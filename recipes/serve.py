@@ -37,7 +37,7 @@ OWN = {  # each strategy's own flags and their defaults: another strategy's flag
                 "kv_offload": False},
 }
 NOT_FOR_SERVING = {"benchmark": False, "cycles": 5, "json_out": None, "verify": False,
-                   "memory_budget": None, "prompts_file": None}
+                   "memory_budget": None, "prompts_file": None, "compare_to": None, "pairs": 5}
 
 
 def parser():
