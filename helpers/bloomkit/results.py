@@ -199,6 +199,7 @@ def quality_table(records, label_key: str = "variant"):
         ppl, ref = q.get("perplexity"), q.get("reference_perplexity")
         rows.append({label_key: label, "dtype": r["dtype"], "perplexity": ppl, "fp32 perplexity": ref,
                      "perplexity change %": (ppl / ref - 1) * 100 if ppl and ref else None,
+                     "perplexity resolution": q.get("perplexity_resolution"),
                      "token match": q["token_match"], "teacher-forced top-1": q["teacher_forced_top1"],
                      "logit rel. RMS error": q["logit_rel_rms_err"]})
     return pd.DataFrame(rows).set_index(label_key) if rows else pd.DataFrame()

@@ -123,7 +123,7 @@ def check(run) -> None:
         q = full2[0]["quality"]
         assert fp["value"] == q["perplexity"] and fp["reference"] == q["reference_perplexity"]
         assert abs(fp["value"] / fp["reference"] - 1) < 1e-4 and fp["verdict"] == "the same"
-        assert fp["resolution"] == 0.01 * fp["reference"]
+        assert fp["resolution"] == q["perplexity_resolution"] >= 0.005   # measured, never below the printed digits
         i8 = [r for r in recs if r["dtype"] == "int8"]
         assert i8 and i8[0]["options"]["int8_all_int8"]
         q8, c8 = i8[0]["quality"], run.claim("ppl_tp_2_int8")

@@ -18,6 +18,7 @@ class Reference(NamedTuple):
     generation: harness.Generation   # plain greedy fp32 ``generate``, with per-step scores
     logits: object                   # teacher-forced logits of those tokens
     perplexity: float | None         # on ``texts``, when given
+    perplexity_windows: list | None = None   # its per-window losses (the evaluation's resolution)
 
 
 def reference(path, prompts: list[str], max_new_tokens: int, texts: list[str] | None = None) -> Reference:
@@ -33,9 +34,9 @@ def reference(path, prompts: list[str], max_new_tokens: int, texts: list[str] | 
     tok = models.load_tokenizer(path)
     gen = harness.generate(model, tok, prompts, max_new_tokens, device="cpu", return_scores=True)
     logits = quality.sequence_logits(model, tok, gen.prompts, gen.tokens, device="cpu")
-    ppl = quality.perplexity(model, tok, texts, device="cpu") if texts else None
+    ppl, windows = quality.perplexity(model, tok, texts, device="cpu", windows=True) if texts else (None, None)
     del model
-    return Reference(gen, logits, ppl)
+    return Reference(gen, logits, ppl, windows)
 
 
 def run_variant(*, strategy: str, name: str, load: Callable | None = None, path: str | Path | None = None,
@@ -83,7 +84,7 @@ def run_variant(*, strategy: str, name: str, load: Callable | None = None, path:
         extra = harness.compile_kwargs(device)
         options["compile"] = True
     gen_fn = generate_fn or (lambda m, t, p, n: harness.generate(m, t, p, n, **extra))
-    records, ppl, ref_ppl = [], None, None
+    records, ppl, ref_ppl, ppl_windows, ref_windows = [], None, None, None, None
     for bs in batch_sizes:
         rows = harness.make_prompts(bs, prompts)
         common = dict(strategy=strategy, model=name, dtype=dtype, batch_size=bs,
@@ -112,10 +113,12 @@ def run_variant(*, strategy: str, name: str, load: Callable | None = None, path:
         if verify:
             # perplexity does not depend on the batch: measured once per variant (and reference)
             ref = reference(path, rows, max_new_tokens, texts if ref_ppl is None else None)
-            ref_ppl = ref.perplexity if ref_ppl is None else ref_ppl
+            if ref_ppl is None:
+                ref_ppl, ref_windows = ref.perplexity, ref.perplexity_windows
             qual = quality.quality_report(ref.generation, ref.logits, gen, model, tok, texts=texts,
-                                          reference_perplexity=ref_ppl, perplexity_value=ppl)
-            ppl = qual.get("perplexity")
+                                          reference_perplexity=ref_ppl, perplexity_value=ppl,
+                                          reference_windows=ref_windows, perplexity_windows=ppl_windows)
+            ppl, ppl_windows = qual.get("perplexity"), qual.get("perplexity_windows")
         records.append(results.make_record(**common, timing=timing, generation=gen, quality=qual))
     for r in records:   # imports, process group and load, from the process's own start
         r["process_start_to_ready_s"] = ready_after_start

@@ -97,7 +97,7 @@ def compare_values(a: float, b: float, resolution: float) -> str:
         >>> compare_values(70.01, 70.05, resolution=0.1), compare_values(72.0, 70.0, resolution=0.1)
         ('the same', 'higher')
     """
-    if abs(a - b) < resolution:
+    if a == b or abs(a - b) < resolution:
         return "the same"
     return "lower" if a < b else "higher"
 

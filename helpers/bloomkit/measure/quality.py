@@ -91,11 +91,11 @@ def logit_agreement(ref_logits, logits) -> dict:
     }
 
 
-def perplexity_of_ids(model, ids: list[int], window: int, max_tokens: int | None = None,
-                      device=None) -> float:
-    """exp(mean next-token loss) over consecutive non-overlapping windows of ``window``
-    tokens (each window starts with no context: a slight overestimate, the same for every
-    variant).  Every rank of a multi-rank model must call it with the same ``ids``."""
+def window_losses(model, ids: list[int], window: int, max_tokens: int | None = None,
+                  device=None) -> list[float]:
+    """Mean next-token loss of each consecutive non-overlapping window of ``window`` tokens
+    (each window starts with no context: a slight overestimate, the same for every model).
+    Every rank of a multi-rank model must call it with the same ``ids``."""
     import torch
 
     from .harness import input_device
@@ -107,21 +107,29 @@ def perplexity_of_ids(model, ids: list[int], window: int, max_tokens: int | None
         raise ValueError(f"need more than {window} tokens to measure perplexity, got {len(t)}")
     x = t[: n * window].view(n, window)
     y = t[1: n * window + 1].view(n, window)
-    total, count = 0.0, 0
+    out: list[float] = []
     with torch.inference_mode():
         for i in range(0, n, 16):
             logits = model(input_ids=x[i:i + 16].to(device)).logits.float().cpu()
-            total += torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), y[i:i + 16].reshape(-1), reduction="sum").item()
-            count += y[i:i + 16].numel()
-    return math.exp(total / count)
+            loss = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), y[i:i + 16].reshape(-1), reduction="none")
+            out += loss.view(-1, window).mean(dim=1).tolist()
+    return out
+
+
+def perplexity_of_ids(model, ids: list[int], window: int, max_tokens: int | None = None,
+                      device=None) -> float:
+    """exp(mean next-token loss) over the windows of :func:`window_losses` (all of one size)."""
+    losses = window_losses(model, ids, window, max_tokens, device)
+    return math.exp(sum(losses) / len(losses))
 
 
 def perplexity(model, tokenizer, texts: list[str], *, max_tokens: int = PPL_TOKENS,
-               window: int = PPL_WINDOW, device=None) -> float:
+               window: int = PPL_WINDOW, device=None, windows: bool = False):
     """Held-out perplexity of ``model`` on ``texts``: each text's tokens then ``</s>`` (as
     the ``trained`` model saw its training files), the first ``max_tokens``, in windows of
-    ``window`` (shortened to fit the model's context or the text)."""
+    ``window`` (shortened to fit the model's context or the text).  ``windows=True`` returns
+    ``(perplexity, per-window mean losses)``: what :func:`perplexity_resolution` needs."""
     ids: list[int] = []
     eos = tokenizer.eos_token_id
     for text in texts:
@@ -131,12 +139,38 @@ def perplexity(model, tokenizer, texts: list[str], *, max_tokens: int = PPL_TOKE
     ids = ids[:max_tokens]
     ctx = getattr(getattr(model, "config", None), "max_position_embeddings", None) or window
     window = max(8, min(window, ctx, (len(ids) - 1) // 2 or 8))
-    return perplexity_of_ids(model, ids, window, device=device)
+    losses = window_losses(model, ids, window, device=device)
+    ppl = math.exp(sum(losses) / len(losses))
+    return (ppl, losses) if windows else ppl
+
+
+def perplexity_resolution(losses: list[float], reference_losses: list[float], z: float = 1.645,
+                          floor: float = 0.005) -> float | None:
+    """The smallest perplexity difference this evaluation resolves, from the two models' losses on
+    the same windows: ``z`` standard errors of the mean per-window difference, in perplexity units
+    (the reference's perplexity times that, to first order).  A difference below it lies inside the
+    90 % interval (``z=1.645``) of what another sample of held-out text of this size could show:
+    "the same".  Never finer than ``floor`` (half the last digit of a perplexity printed with two
+    decimals: fp32 rounding differences of 1e-5 are consistent enough to pass a t-test, not to
+    matter).  ``None`` with fewer than 2 windows.
+
+    Example:
+        >>> round(perplexity_resolution([4.0, 4.2, 3.9, 4.1], [4.0, 4.1, 4.0, 4.0]), 3)
+        4.408
+    """
+    if not losses or len(losses) != len(reference_losses) or len(losses) < 2:
+        return None
+    import statistics
+
+    d = [a - b for a, b in zip(losses, reference_losses)]
+    ref = math.exp(sum(reference_losses) / len(reference_losses))
+    return max(floor, z * statistics.stdev(d) / math.sqrt(len(d)) * ref)
 
 
 def quality_report(reference: Generation, ref_logits, generation: Generation, model, tokenizer, *,
                    texts: list[str] | None = None, reference_perplexity: float | None = None,
-                   perplexity_value: float | None = None) -> dict:
+                   perplexity_value: float | None = None, reference_windows: list[float] | None = None,
+                   perplexity_windows: list[float] | None = None) -> dict:
     """Everything we say about a strategy's output quality, in one dict for the record:
     token agreement, teacher-forced top-1 and logit error, and with ``texts`` the perplexity
     (``perplexity_value`` when already measured: it does not depend on the batch) beside the
@@ -145,8 +179,12 @@ def quality_report(reference: Generation, ref_logits, generation: Generation, mo
     rep.update(logit_agreement(ref_logits, sequence_logits(model, tokenizer, reference.prompts,
                                                            reference.tokens)))
     if texts:
-        rep["perplexity"] = (perplexity_value if perplexity_value is not None
-                             else perplexity(model, tokenizer, texts))
+        if perplexity_value is None:
+            perplexity_value, perplexity_windows = perplexity(model, tokenizer, texts, windows=True)
+        rep["perplexity"] = perplexity_value
         rep["reference_perplexity"] = reference_perplexity
+        if perplexity_windows and reference_windows:   # per-window losses: the evaluation's resolution
+            rep["perplexity_windows"], rep["reference_perplexity_windows"] = perplexity_windows, reference_windows
+            rep["perplexity_resolution"] = perplexity_resolution(perplexity_windows, reference_windows)
     rep["reference"] = "plain fp32 model.generate"
     return rep

@@ -41,7 +41,8 @@ def verify(records, model, tok, path, max_new_tokens: int, base_prompts=None, te
         if is_main():
             gen = harness.Generation(prompts=rec["prompts"], tokens=rec["tokens"], texts=rec["texts"])
             rec["quality"] = quality.quality_report(ref.generation, ref.logits, gen, model, tok,
-                                                    texts=texts, reference_perplexity=ref.perplexity)
+                                                    texts=texts, reference_perplexity=ref.perplexity,
+                                                    reference_windows=ref.perplexity_windows)
         else:
             quality.sequence_logits(model, tok, rows, ref_tokens)
             if texts:
