@@ -243,8 +243,10 @@ def blocks_by_device(device_map: dict, config) -> dict[str, list[int]]:
 
     Example:
         >>> from bloomkit import models
-        >>> blocks_by_device({"transformer.word_embeddings": 0, "transformer.h.0": 0,
-        ...                   "transformer.h.1": "disk", "lm_head": 0}, models.bloom_config("bloom-560m"))
+        >>> from transformers import AutoConfig
+        >>> llama = AutoConfig.for_model("llama", num_hidden_layers=2, hidden_size=64, num_attention_heads=4)
+        >>> blocks_by_device({"model.embed_tokens": 0, "model.layers.0": 0,
+        ...                   "model.layers.1": "disk", "lm_head": 0}, llama)
         {'0': [0], 'disk': [1]}
     """
     from .. import arch
