@@ -1,8 +1,7 @@
-"""Running a notebook under papermill in a test, and reading its outputs back.
+"""Running a notebook under papermill in a test (the registry, ``tests/test_notebooks.py``).
 
-Each strategy notebook is executed twice by its test file: with its default model (``trained``,
-the small BLOOM trained on Python's standard library) and with a model that is not a BLOOM,
-of odd sizes:
+Each notebook is executed twice: with its default model (``trained``, the small BLOOM trained on
+Python's standard library) and with a model that is not a BLOOM, of odd sizes:
 
 ``odd-llama`` (Llama-style: hidden 96, 6 query heads sharing 3 key/value heads, RoPE, SwiGLU
 MLP, untied head) shows that no cell assumes BLOOM: shapes come from ``bloomkit.arch`` and the
@@ -14,7 +13,7 @@ divide 96).  Each notebook also compares its model with one of another family (i
 import json
 import time
 
-from bloomkit import memory, models, notebooks, results
+from bloomkit import models, notebooks, results
 from conftest import NOTEBOOKS
 
 ODD = "odd-llama"
@@ -35,33 +34,3 @@ def execute(tmp_path, stem: str, params: dict, timeout: int | None = None) -> tu
                             {"RESULTS_PATH": str(res), **params}, timeout=timeout)
     print(f"{stem} with {params.get('MODEL_NAME', 'its default model')}: {time.perf_counter() - t0:.1f} s")
     return (results.read_records(res) if res.exists() else []), json.loads(out.read_text())
-
-
-def text(cell: dict) -> str:
-    parts = []
-    for o in cell.get("outputs", []):
-        if o["output_type"] == "stream":
-            parts.append("".join(o["text"]))
-        elif o["output_type"] in ("execute_result", "display_data"):
-            parts.append("".join(o["data"].get("text/plain", "")))
-    return "\n".join(parts)
-
-
-def output(nb: dict, needle: str) -> str:
-    """The text output of the one code cell whose source contains ``needle``."""
-    cells = [c for c in nb["cells"] if c["cell_type"] == "code" and needle in "".join(c["source"])]
-    assert len(cells) == 1, (needle, len(cells))
-    return text(cells[0])
-
-
-def all_output(nb: dict) -> str:
-    return "\n".join(text(c) for c in nb["cells"] if c["cell_type"] == "code")
-
-
-def kv_lines(text: str, names=(ODD, "tiny")) -> None:
-    """The KV-per-token line of each model of the notebook's closing comparison."""
-    for name in names:
-        kv = memory.kv_cache_bytes_per_token(models.load_config(models.resolve_model(name)), "fp32")
-        assert f"{name}: {kv:,} B of KV cache per token in fp32" in text, name
-
-

@@ -141,14 +141,3 @@ def test_blog_oom_batches_are_beyond_what_the_plan_can_count():
     for r in rows.values():
         assert r["plan needs at last run GB"] < r["plan needs at oom GB"] < r["GPU GB"]
         assert r["unexplained_bytes"] > 10e9
-
-
-@pytest.mark.notebooks
-@pytest.mark.timeout(120)
-def test_notebook_00_on_a_llama_of_odd_sizes(tmp_path):
-    import nbtools
-
-    nbtools.build(nbtools.ODD)
-    _, nb = nbtools.execute(tmp_path, "00_memory_planner", {"MODEL_NAME": nbtools.ODD, "BATCH_SIZES": [1, 4]})
-    text = nbtools.all_output(nb)
-    assert f"{nbtools.ODD}:" in text and "batch 4: predicted" in text
