@@ -16,7 +16,9 @@ import argparse
 import ast
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -141,15 +143,20 @@ def execute(path: str | Path, out: str | Path, parameters: dict | None = None,
 
     added = {k: v for k, v in thread_env(1).items() if k not in os.environ}
     os.environ.update(added)
+    # IPC sockets, not TCP on loopback: the kernel then has nothing to warn about in the terminal.
+    # Each execution gets sockets of its own: jupyter_client's default names them "kernel-ipc-N"
+    # in the working directory, where two notebooks run at once would pick the same N.
+    sockets = tempfile.mkdtemp(prefix="bloomkit-kernel-")
     try:
-        # IPC sockets, not TCP on loopback: the kernel then has nothing to warn about in the terminal
         pm.execute_notebook(str(path), str(out), parameters=params, kernel_name=kernel_name(),
                             cwd=str(Path(path).parent), progress_bar=False,
                             prepare_only=prepare_only, execution_timeout=timeout,
-                            config=Config({"KernelManager": {"transport": "ipc"}}))
+                            config=Config({"KernelManager": {"transport": "ipc",
+                                                             "ip": os.path.join(sockets, "kernel")}}))
     finally:
         for k in added:
             os.environ.pop(k, None)
+        shutil.rmtree(sockets, ignore_errors=True)
     return out
 
 
