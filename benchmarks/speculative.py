@@ -4,7 +4,7 @@ prompt lookup against plain greedy ``generate``, interleaved; prints and saves J
 
     python benchmarks/speculative.py [--out benchmarks/results/speculative-cpu.json] [--cycles 5]
 
-One cycle = every prompt of ``trained`` once with each method (plain, draft, prompt lookup) and
+One cycle = every prompt of ``trained`` once with each method (plain, draft, prompt lookup of 3, 5, 10) and
 the same prompts as one batch of 2, 4 and 8 rows with plain ``generate``, the methods taking turns
 so each cycle's numbers saw the same machine.  Per method: the tokens are checked equal to plain
 greedy ``generate``'s (every prompt), tokens per forward of the model (speculation's whole
@@ -27,7 +27,26 @@ from bloomkit.measure import compare
 from bloomkit.strategies.speculative import counting_forwards
 
 
-def run(cycles: int = 5, new_tokens: int = 40, lookup: int = 10) -> dict:
+def forward_cost(model, tok, prompt: str, ks=(1, 2, 4, 10), cycles: int = 20) -> dict:
+    """What checking k proposals costs: one forward of k new tokens over the prompt's cache, in
+    single-token decode steps (medians of interleaved calls).  Speculation pays when the tokens a
+    forward yields exceed what the forward costs; on a model whose weights sit in the CPU's caches a
+    forward of k tokens costs more than one of 1, so its speed-up stays below its tokens per forward."""
+    x = tok([prompt], return_tensors="pt")
+    with torch.inference_mode():
+        cache = model(**x, use_cache=True).cache
+        ids = x["input_ids"][:, -1:]
+
+        def check(k):
+            model(input_ids=ids.repeat(1, k), cache=cache, use_cache=True)
+            cache.crop(-k)         # drop the k checked positions: back to the prompt's keys and values
+
+        times = compare.interleaved({k: (lambda k=k: check(k)) for k in ks}, cycles=cycles)
+    one = statistics.median(times[ks[0]])
+    return {str(k): round(statistics.median(t) / one, 3) for k, t in times.items()}
+
+
+def run(cycles: int = 5, new_tokens: int = 40, lookups=(3, 5, 10)) -> dict:
     path, draft_path = models.resolve_model("trained"), models.resolve_model("trained-draft")
     tok = models.load_tokenizer(path)
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
@@ -45,7 +64,7 @@ def run(cycles: int = 5, new_tokens: int = 40, lookup: int = 10) -> dict:
         return out[:, x["input_ids"].shape[1]:].tolist(), n[0]
 
     methods = {"plain": {}, "draft": {"assistant_model": draft},
-               "prompt lookup": {"prompt_lookup_num_tokens": lookup}}
+               **{f"prompt lookup {n}": {"prompt_lookup_num_tokens": n} for n in lookups}}
     plain_tokens = {p: gen([p])[0][0] for p in prompts}
     check, forwards = {}, {}
     for name, spec in methods.items():
@@ -60,8 +79,11 @@ def run(cycles: int = 5, new_tokens: int = 40, lookup: int = 10) -> dict:
     times = compare.interleaved(calls, cycles=cycles)
     tokens = len(prompts) * new_tokens      # every call generates this many tokens in all
     out = {"model": "trained", "draft": "trained-draft", "dtype": "fp32", "new_tokens": new_tokens,
-           "prompt_lookup_num_tokens": lookup, "cycles": cycles, "prompts": len(prompts),
+           "prompt_lookup_num_tokens": list(lookups), "cycles": cycles, "prompts": len(prompts),
            "seconds": round(time.perf_counter() - t0, 1), "samples_s": times, "methods": {}}
+    out["forward_cost_in_steps"] = forward_cost(model, tok, prompts[0])
+    print("a forward checking k tokens costs, in single-token steps: "
+          + ", ".join(f"k={k}: {v:.2f}" for k, v in out["forward_cost_in_steps"].items()), flush=True)
     for name in calls:
         ms = [t * 1000 / tokens for t in times[name]]
         row = {"ms_per_token": statistics.median(ms), "ms_per_token_range": [min(ms), max(ms)]}
@@ -73,11 +95,11 @@ def run(cycles: int = 5, new_tokens: int = 40, lookup: int = 10) -> dict:
             row["vs_plain_batch_1"] = {"ratio": c.ratio, "low": c.low, "high": c.high, "pairs": c.pairs,
                                        "verdict": c.verdict, "sentence": c.sentence(name, "plain batch 1")}
         out["methods"][name] = row
-        print(f"{name:>15}: {row['ms_per_token']:.2f} ms/token"
+        print(f"{name:>16}: {row['ms_per_token']:.2f} ms/token"
               + (f", {row['tokens_per_forward']:.2f} tokens per forward, identical {row['tokens_identical']}"
                  if name in methods else "")
               + (f"; {row['vs_plain_batch_1']['sentence']}" if name != "plain" else ""), flush=True)
-    best = min(("draft", "prompt lookup"), key=lambda m: out["methods"][m]["ms_per_token"])
+    best = min((m for m in methods if m != "plain"), key=lambda m: out["methods"][m]["ms_per_token"])
     beaten = [bs for bs in (2, 4, 8) if compare.compare_times(
         times[f"plain batch {bs}"], times[best]).verdict == compare.FASTER]
     out["best_speculative"] = best

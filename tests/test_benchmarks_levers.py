@@ -31,10 +31,13 @@ def test_native_tp_against_autotp_both_identical():
 def test_speculative_benchmark_tokens_identical_and_verdicts_from_samples():
     out = script("speculative").run(cycles=2, new_tokens=6)
     rows = out["methods"]
-    assert {"plain", "draft", "prompt lookup", "plain batch 2", "plain batch 4", "plain batch 8"} == set(rows)
+    lookups = [f"prompt lookup {n}" for n in (3, 5, 10)]
+    assert {"plain", "draft", *lookups, "plain batch 2", "plain batch 4", "plain batch 8"} == set(rows)
     assert rows["plain"]["tokens_per_forward"] == 1.0
-    for m in ("plain", "draft", "prompt lookup"):
+    for m in ("plain", "draft", *lookups):
         assert rows[m]["tokens_identical"], m
+    cost = out["forward_cost_in_steps"]   # a forward of k tokens, in single-token steps
+    assert set(cost) == {"1", "2", "4", "10"} and cost["1"] == 1.0
     for name, r in rows.items():
         if name == "plain":
             continue
