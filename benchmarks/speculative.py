@@ -119,7 +119,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     out = run(args.cycles, args.new_tokens)
-    out.update(hardware=sysinfo.hardware(), versions=sysinfo.versions())
+    out.update(hardware=sysinfo.hardware(), versions=sysinfo.versions(), measured_on=time.strftime("%Y-%m-%d"))
     results.write_json(args.out, out)
     print(f"saved {args.out}")
 

@@ -63,3 +63,34 @@ def test_recipe_alone_refuses_uneven_heads(tmp_path):
     assert proc.returncode != 0
     assert "error: 2 ranks cannot split 6 query / 3 key-value heads evenly" in proc.stderr + proc.stdout
     assert "Loading weights" not in proc.stderr + proc.stdout
+
+
+@pytest.mark.timeout(300)
+def test_beside_autotp_in_one_launch():
+    """``ds_inference.py --compare_to transformers_tp``: the same ranks hold the model twice, cut by AutoTP and by
+    transformers' plan, and time both in turns: the same tokens (and AutoTP's are plain generate's), each side's
+    rank 0 shapes, and one all-reduce timed both ways."""
+    recs = launch.launch_records("ds_inference.py", ["--name", "tiny-llama", "--batch_size", "1,3", "--max_new_tokens",
+                                                     "4", "--verify", "--compare_to", "transformers_tp", "--pairs", "5"],
+                                 2, launcher="torchrun")
+    for r in recs:
+        c = r["comparison"]
+        assert r["quality"]["identical"] and c["same_tokens"] is True
+        assert (c["a_label"], c["b_label"]) == ("DeepSpeed AutoTP", "transformers' TP")
+        assert len(c["a"]) == len(c["b"]) == 5 and min(c["a"] + c["b"]) > 0
+        assert set(c["allreduce_s"]) == {"DeepSpeed inference_all_reduce", "torch.distributed.all_reduce"}
+        # attention by whole heads on both sides; the MLP's 176 columns: 88 + 88 against grains of 64
+        a, b = c["a_shapes"], c["b_shapes"]
+        assert a["model.layers.0.self_attn.k_proj.weight"] == b["model.layers.0.self_attn.k_proj.weight"] == [16, 64]
+        assert b["model.layers.0.mlp.up_proj.weight"] == [88, 64] and a["model.layers.0.mlp.up_proj.weight"] == [64, 64]
+        assert c["b_sharded"]["model.layers.0.self_attn.o_proj.weight"]["placement"] == "S(1)"
+
+
+@pytest.mark.timeout(200)
+@pytest.mark.parametrize("args,needle", [(["--name", "tiny"], "bloom has no tensor-parallel plan"),
+                                         (["--name", "tiny-llama", "--dtype", "int8"], "takes plain weights")])
+def test_beside_autotp_refused_in_one_line(args, needle):
+    with pytest.raises(UserError) as exc:
+        launch.launch("ds_inference.py", args + ["--max_new_tokens", "4", "--compare_to", "transformers_tp"], 2,
+                      launcher="torchrun")
+    assert needle in str(exc.value) and "Traceback" not in str(exc.value), str(exc.value)[-2000:]

@@ -46,6 +46,8 @@ def run_parts(parts: dict, only, out_path, *args) -> dict:
     out.update(hardware=sysinfo.hardware(), versions=sysinfo.versions())
     for name in only:
         out[name] = parts[name](*args)
+        if isinstance(out[name], dict):
+            out[name]["measured_on"] = time.strftime("%Y-%m-%d")   # the day a notebook cites it by
         print(name, json.dumps(out[name], indent=1), flush=True)
     results.write_json(out_path, out)
     return out

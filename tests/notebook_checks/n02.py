@@ -26,7 +26,8 @@ _ALL = ["script_same_text", "start_to_ready_full", "start_to_ready_shards", "ran
         "tp_fp32_identical", "tp_vs_one_process_bs1", "tp_vs_one_process_bs8", "second_fp32_identical",
         "second_rank0_shapes_vs_plan"]
 CLAIMS = {"*": _ALL,
-          "trained": ["tp_compiled_vs_eager", "tp_compiled_checks", "ppl_tp_2_fp32", "ppl_tp_2_int8"]}
+          "trained": ["tp_compiled_vs_eager", "tp_compiled_checks", "ppl_tp_2_fp32", "ppl_tp_2_int8",
+                      "native_vs_autotp_rank0", "native_vs_autotp_bs1", "native_vs_autotp_bs8", "allreduce_us"]}
 
 
 def _shape(text: str) -> list:
@@ -107,6 +108,23 @@ def check(run) -> None:
         c = run.claim(f"tp_vs_one_process_bs{r['batch_size']}")
         cmp = r["comparison"]
         assert c["a"] == cmp["a"] and c["b"] == cmp["b"] and c["pairs"] >= 5 and c["same_tokens"] is True
+
+    # transformers' own TP beside AutoTP on the second model's launch (tiny-llama has a plan; a BLOOM has none)
+    if second == "tiny-llama":
+        cut = run.value("native_vs_autotp_rank0")   # {weight: [transformers' rank 0, AutoTP's rank 0]}
+        for w in ("q_proj", "k_proj", "v_proj", "o_proj"):    # both cut attention by whole heads
+            tf, auto = cut[f"layers.0.self_attn.{w}.weight"]
+            assert tf == auto, (w, tf, auto)
+        assert cut["layers.0.mlp.gate_proj.weight"] == [[88, 64], [64, 64]]    # equal halves vs grains of 64
+        assert cut["layers.0.mlp.down_proj.weight"] == [[64, 88], [64, 64]]
+        assert cut["embed_tokens.weight"] == [[512, 64], [1024, 64]]       # vocabulary rows vs whole
+        for bs in (1, 8):
+            c = run.claim(f"native_vs_autotp_bs{bs}")
+            assert c["pairs"] >= 5 and c["same_tokens"] is True, c
+        ar = run.value("allreduce_us")
+        assert ar["deepspeed"] > 0 and ar["gloo"] > 0
+    else:
+        assert not any(n.startswith("native_vs") for n in run.claims)
 
     # start to ready: three nested clocks, each the record's
     _check_clocks(run.value("start_to_ready_full"), full2[0])

@@ -167,3 +167,29 @@ def placement(model) -> dict:
     """How many modules of the loaded model sit on each device (``hf_device_map``)."""
     hf_map = getattr(model, "hf_device_map", None) or {"": str(next(model.parameters()).device)}
     return {str(k): v for k, v in Counter(str(v) for v in hf_map.values()).items()}
+
+
+def verify_ranks(records, model, tok, path, max_new_tokens: int, base_prompts=None, texts=None) -> None:
+    """Attach ``quality`` (vs plain fp32 ``generate``) to rank 0's records of a launch whose ranks share
+    one model (tensor parallelism: DeepSpeed's AutoTP or transformers' own).  Collective:
+    rank 0 computes the reference, every rank runs the teacher-forced TP forward (and the
+    perplexity forward on ``texts``)."""
+    from ..dist import broadcast, is_main
+
+    for rec in records:
+        if rec["status"] != "ok":
+            continue
+        rows = harness.make_prompts(rec["batch_size"], base_prompts)
+        ref = None
+        if is_main():
+            ref = reference(path, rows, max_new_tokens, texts)
+        ref_tokens = broadcast(ref.generation.tokens if ref is not None else None)
+        if is_main():
+            gen = harness.Generation(prompts=rec["prompts"], tokens=rec["tokens"], texts=rec["texts"])
+            rec["quality"] = quality.quality_report(ref.generation, ref.logits, gen, model, tok,
+                                                    texts=texts, reference_perplexity=ref.perplexity,
+                                                    reference_windows=ref.perplexity_windows)
+        else:
+            quality.sequence_logits(model, tok, rows, ref_tokens)
+            if texts:
+                quality.perplexity(model, tok, texts)

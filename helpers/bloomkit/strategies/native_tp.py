@@ -23,6 +23,74 @@ def sharded(model) -> dict[str, dict]:
     return out
 
 
+def first_block_shapes(model) -> dict[str, list[int]]:
+    """This rank's shape of every parameter outside the decoder blocks and of block 0's (whatever
+    the engine that cut them: AutoTP's local tensors, or DTensors' local parts)."""
+    import re
+
+    out = {}
+    for name, p in model.named_parameters():
+        if all(n == "0" for n in re.findall(r"\.(\d+)\.", name)):
+            out[name] = list(p.to_local().shape if hasattr(p, "to_local") else p.shape)
+    return out
+
+
+def plan_problem(config, tp_size: int) -> str | None:
+    """Why transformers' own TP cannot take this model at ``tp_size`` ranks (``None`` if it can):
+    no plan for its architecture (``config.base_model_tp_plan``), or heads that do not split
+    evenly (transformers would fail mid-forward).  The recipe's ``check_plan`` says the same."""
+    from .. import arch
+
+    if tp_size > 1 and not getattr(config, "base_model_tp_plan", None):
+        return (f"{arch.model_type(config)} has no tensor-parallel plan in transformers "
+                "(config.base_model_tp_plan); DeepSpeed's AutoTP takes it")
+    heads, kv_heads = arch.heads_of(config), arch.kv_heads_of(config)
+    if heads % tp_size or kv_heads % tp_size:
+        return (f"{tp_size} ranks cannot split {heads} query / {kv_heads} key-value heads evenly; "
+                f"launch a number of ranks that divides {kv_heads}")
+    return None
+
+
+def load_native(path, dtype: str, tp_size: int):
+    """The model through transformers' own TP plan on this launch's ranks: the call the recipe
+    makes (``from_pretrained(..., distributed_config=DistributedConfig(tp_size=N))``), used where the
+    package sets it beside DeepSpeed's AutoTP in one launch (``--compare_to transformers_tp``).
+    Reuses the process group that is already started.  Collective: every rank must call it."""
+    from transformers import AutoModelForCausalLM
+    from transformers.distributed import DistributedConfig
+
+    from ..dtypes import torch_dtype
+
+    return AutoModelForCausalLM.from_pretrained(
+        str(path), dtype=torch_dtype(dtype), distributed_config=DistributedConfig(tp_size=tp_size)).eval()
+
+
+def allreduce_seconds(rows: int, hidden: int, dtype, calls: int = 100, rounds: int = 5) -> dict[str, list[float]]:
+    """One all-reduce of a decode step's activations (``rows x hidden``), the two ways a TP layer
+    can make it, timed in turns: DeepSpeed's ``inference_all_reduce`` (on CPUs its shared-memory
+    kernel when this CPU has the vector level it needs, else the process group's) and
+    ``torch.distributed.all_reduce`` on the process group (gloo on CPUs: what DTensor calls).
+    Seconds per call, one sample per round.  Collective: every rank must call it."""
+    import time
+
+    import deepspeed.comm
+    import torch
+
+    x = torch.zeros(rows, hidden, dtype=dtype)
+    ways = {"DeepSpeed inference_all_reduce": lambda: deepspeed.comm.inference_all_reduce(x),
+            "torch.distributed.all_reduce": lambda: torch.distributed.all_reduce(x)}
+    out = {k: [] for k in ways}
+    for _ in range(rounds):
+        for k, fn in ways.items():
+            fn()
+            torch.distributed.barrier()
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            out[k].append((time.perf_counter() - t0) / calls)
+    return out
+
+
 def run(args, load: Callable, check: Callable) -> list[dict]:
     """``recipes/transformers_tp.py`` inside the repository: the shared flags checked, the recipe's
     ``check(config, tp_size)`` before anything loads (as a one-line error), then the recipe's
@@ -40,7 +108,6 @@ def run(args, load: Callable, check: Callable) -> list[dict]:
     from ..errors import UserError
     from ..measure import bench, harness
     from ..prompts import eval_texts
-    from .tp import verify
 
     world = dist.world_size()
     s = cli.prepare(args)
@@ -69,7 +136,7 @@ def run(args, load: Callable, check: Callable) -> list[dict]:
     for r in records:
         r["process_start_to_ready_s"] = ready_after_start
     if args.verify:
-        verify(records, model, models.load_tokenizer(s["path"]), s["path"], args.max_new_tokens,
+        bench.verify_ranks(records, model, models.load_tokenizer(s["path"]), s["path"], args.max_new_tokens,
                s["base_prompts"], texts=eval_texts(s["path"], args.eval_file))
     if dist.is_main():
         if args.json_out:

@@ -18,35 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .. import dist
+from .. import arch, dist
 from ..dist import barrier, broadcast, gather, is_main, rank, world_size
 from ..errors import UserError
 from . import autotp, bloom, tp_int8
-
-
-def verify(records, model, tok, path, max_new_tokens: int, base_prompts=None, texts=None) -> None:
-    """Attach ``quality`` (vs plain fp32 ``generate``) to rank 0's records.  Collective:
-    rank 0 computes the reference, every rank runs the teacher-forced TP forward (and the
-    perplexity forward on ``texts``)."""
-    from ..measure import bench, harness, quality
-
-    for rec in records:
-        if rec["status"] != "ok":
-            continue
-        rows = harness.make_prompts(rec["batch_size"], base_prompts)
-        ref = None
-        if is_main():
-            ref = bench.reference(path, rows, max_new_tokens, texts)
-        ref_tokens = broadcast(ref.generation.tokens if ref is not None else None)
-        if is_main():
-            gen = harness.Generation(prompts=rec["prompts"], tokens=rec["tokens"], texts=rec["texts"])
-            rec["quality"] = quality.quality_report(ref.generation, ref.logits, gen, model, tok,
-                                                    texts=texts, reference_perplexity=ref.perplexity,
-                                                    reference_windows=ref.perplexity_windows)
-        else:
-            quality.sequence_logits(model, tok, rows, ref_tokens)
-            if texts:
-                quality.perplexity(model, tok, texts)
 
 
 def add_flags(parser) -> None:
@@ -76,11 +51,12 @@ def add_package_flags(parser) -> None:
     g.add_argument("--allow_pickle", action="store_true",
                    help="let --ds_checkpoint load pickled .pt/.bin files (they can run code: "
                         "only for files you trust)")
-    g.add_argument("--compare_to", choices=["one_process", "eager"], default=None,
+    g.add_argument("--compare_to", choices=["one_process", "eager", "transformers_tp"], default=None,
                    help="also time this launch's generate in turns with another set-up, inside the "
                         "launch (same machine state): one_process = plain generate in rank 0 alone "
                         "with every rank's threads (the others wait); eager = the same TP model "
-                        "without --compile (needs --compile); --pairs pairs per batch size at "
+                        "without --compile (needs --compile); transformers_tp = the same model loaded again through "
+                        "transformers' own TP plan (DTensor) on the same ranks; --pairs pairs per batch size at "
                         "min(--max_new_tokens, 8) new tokens (compiled: --max_new_tokens)")
     g.add_argument("--pairs", type=int, default=5, help="interleaved pairs for --compare_to")
     g.add_argument("--comm_timeout", type=int, default=300,
@@ -190,6 +166,17 @@ def prepare(args) -> TPSetup:
     if getattr(args, "compare_to", None) == "one_process" and dtype == "int8":
         raise UserError("--compare_to one_process runs plain generate beside TP in the same dtype; "
                         "int8 exists only under TP: use --dtype fp32 or bf16")
+    if getattr(args, "compare_to", None) == "transformers_tp":
+        from .native_tp import plan_problem
+
+        why = (plan_problem(config, tp_size)
+               or ("transformers' TP takes plain weights: use --dtype fp32 or bf16" if dtype == "int8" else None)
+               or ("--compare_to transformers_tp sets AutoTP beside transformers' TP: add --kernel_inject off"
+                   if engine != "autotp" else None)
+               or ("--compare_to transformers_tp loads the full checkpoint twice: drop --load_shards/--ds_checkpoint"
+                   if args.load_shards or args.ds_checkpoint else None))
+        if why:
+            raise UserError(f"--compare_to transformers_tp: {why}")
     if args.save_shards:
         tp_shards.prepare_dir(args.save_shards)
     return TPSetup(device=device, dtype=dtype, path=shared["path"],
@@ -313,7 +300,7 @@ def run(args, load: Callable | None = None) -> list[dict]:
         barrier()
     options = {"kernel_inject": args.kernel_inject, "load_from": source,
                "shards": str(args.load_shards or args.save_shards or "") or None,
-               "load_peak_rss_bytes_per_rank": load_rss,
+               "load_peak_rss_bytes_per_rank": load_rss, "load_peak_rss_method": rss.method,
                "load_steps_s": getattr(model, "_bloomkit_load_steps", None),
                **autotp.describe(model, s.config, s.tp_size, s.engine, s.dtype)}
     dist.kill_hook()
@@ -331,7 +318,7 @@ def run(args, load: Callable | None = None) -> list[dict]:
     if args.verify:
         from ..prompts import eval_texts
 
-        verify(records, model, harness_tok(s.path), s.ref_path, args.max_new_tokens,
+        bench.verify_ranks(records, model, harness_tok(s.path), s.ref_path, args.max_new_tokens,
                s.base_prompts, texts=eval_texts(s.ref_path, args.eval_file))
     barrier()
     if is_main():
@@ -352,6 +339,9 @@ def compare_in_launch(args, s: TPSetup, model, records) -> None:
       rank's threads (``torch.set_num_threads``), while the other ranks wait in a barrier
       (gloo: asleep, their CPU time is recorded) — TP=1 on the same cores, in the same minute.
     * ``eager``: every rank runs the same TP model without the compiled decode step.
+    * ``transformers_tp``: every rank also loads the model through transformers' own TP plan
+      (:func:`bloomkit.strategies.native_tp.load_native`) and runs it on the same process group;
+      the record adds what that plan sharded and one all-reduce timed both ways.
 
     Adds ``comparison`` to each of rank 0's records: the per-pair seconds ``a`` (this launch's
     set-up) and ``b`` (the other), their labels, the tokens each gave.  Collective."""
@@ -370,6 +360,11 @@ def compare_in_launch(args, s: TPSetup, model, records) -> None:
         plain = autotp.load_full(s.ref_path, s.dtype)
         if s.device == "cuda":
             plain = plain.to("cuda")
+    native = None
+    if args.compare_to == "transformers_tp":
+        from . import native_tp
+
+        native = native_tp.load_native(s.ref_path, s.dtype, world_size())
 
     def side_a(rows):
         return harness.generate(model, tok, rows, n_new, **extra)
@@ -377,6 +372,8 @@ def compare_in_launch(args, s: TPSetup, model, records) -> None:
     def side_b(rows):
         if args.compare_to == "eager":
             return harness.generate(model, tok, rows, n_new)
+        if native is not None:
+            return harness.generate(native, tok, rows, n_new)
         out = None
         cpu0 = time.process_time()
         if is_main():
@@ -407,12 +404,25 @@ def compare_in_launch(args, s: TPSetup, model, records) -> None:
         idle = gather(sum(waited))
         if is_main():
             labels = {"one_process": (f"TP={s.tp_size}", f"one process ({threads * world_size()} threads)"),
-                      "eager": ("compiled", "eager")}[args.compare_to]
+                      "eager": ("compiled", "eager"),
+                      "transformers_tp": ("DeepSpeed AutoTP", "transformers' TP")}[args.compare_to]
             rec["comparison"] = {
                 "against": args.compare_to, "a_label": labels[0], "b_label": labels[1],
                 "a": a, "b": b, "pairs": args.pairs, "max_new_tokens": n_new,
                 "threads_per_rank": threads, "same_tokens": tokens.get("a") == tokens.get("b"),
                 "waiting_ranks_cpu_s": idle[1:] if args.compare_to == "one_process" else None}
+    if native is not None:
+        from . import native_tp
+
+        cost = native_tp.allreduce_seconds(min(r["batch_size"] for r in records), arch.hidden_of(s.config),
+                                           next(model.parameters()).dtype)
+        if is_main():
+            for rec in records:
+                if "comparison" in rec:
+                    rec["comparison"].update(b_sharded=native_tp.sharded(native), allreduce_s=cost,
+                                             a_shapes=native_tp.first_block_shapes(model),
+                                             b_shapes=native_tp.first_block_shapes(native),
+                                             allreduce_rows=min(r["batch_size"] for r in records))
 
 
 def compile_safe_all_reduce() -> bool:
