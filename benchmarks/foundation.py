@@ -26,10 +26,17 @@ PARTS = {
 
 @cli_entry
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[1])
-    p.add_argument("--out", default="benchmarks/results/foundation-cpu.json")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--only", nargs="*", choices=list(PARTS), default=list(PARTS))
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="benchmarks/results/foundation-cpu.json", metavar="JSON",
+                   help="the result file; with --only, the parts already in it and not rerun are "
+                        "kept (default: %(default)s)")
+    p.add_argument("--device", default="cpu",
+                   help="cpu or cuda: where decode_breakdown and compile_speedup run (the other "
+                        "parts always time the CPU) (default: %(default)s)")
+    p.add_argument("--only", nargs="*", choices=list(PARTS), default=list(PARTS), metavar="PART",
+                   help=f"the parts to run, of {', '.join(PARTS)}; decode_breakdown and "
+                        "compile_speedup load the ~300M bench preset (1.2 GB in fp32) and take "
+                        "longest, the others the small one (default: every part)")
     args = p.parse_args(argv)
     microbench.run_parts(PARTS, args.only, args.out, args.device)
 

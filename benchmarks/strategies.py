@@ -168,9 +168,15 @@ PARTS = {
 
 @cli_entry
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[1])
-    p.add_argument("--out", default="benchmarks/results/strategies-cpu.json")
-    p.add_argument("--only", nargs="*", choices=sorted(PARTS), default=list(PARTS))
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="benchmarks/results/strategies-cpu.json", metavar="JSON",
+                   help="the result file; with --only, the parts already in it and not rerun are "
+                        "kept, with the machine they were measured on (default: %(default)s)")
+    p.add_argument("--only", nargs="*", choices=sorted(PARTS), default=list(PARTS), metavar="PART",
+                   help=f"the parts to run, of {', '.join(PARTS)} (each described above); each "
+                        "launches the recipes for real on CPU ranks: minutes each on 2 cores, "
+                        "zero_nvme_4bit ~15, swapping the bench model's weights to a temporary "
+                        "folder under HOME (default: every part)")
     args = p.parse_args(argv)
     from pathlib import Path
 

@@ -151,12 +151,16 @@ def test_published_kv_cache():
     assert memory.kv_cache_bytes_per_token(planner.model_dims("Llama-3.1-70B"), "bf16") == 327680
 
 
-def test_unknown_family_is_a_clear_error():
+def test_a_family_without_formulas_is_counted_on_its_meta_model():
+    """Outside :data:`bloomkit.arch.FAMILIES` the count comes from the meta-device model (more in
+    ``tests/test_memory_exact.py``); only a name transformers does not know is an error."""
     from bloomkit.errors import UserError
 
+    mamba = {"model_type": "mamba", "hidden_size": 64, "num_hidden_layers": 2, "vocab_size": 10}
+    real = sum(p.numel() for p in meta_model(transformers.AutoConfig.for_model(**mamba)).parameters())
+    assert memory.param_count(mamba) == real
     with pytest.raises(UserError, match="llama"):
-        memory.param_count({"model_type": "mamba", "hidden_size": 64, "num_hidden_layers": 2,
-                            "num_attention_heads": 4, "vocab_size": 10})
+        memory.param_count({"model_type": "no-such-family", "hidden_size": 64, "vocab_size": 10})
 
 
 BIG = {  # large enough that weights_GB (rounded to MB) says something

@@ -19,12 +19,24 @@ import os
 import shutil
 import sys
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 
 from .errors import UserError, cli_entry
 
-ROOT = Path(__file__).resolve().parents[2]
+
+def repo_root() -> Path:
+    """The checkout whose notebooks and profiles the runner uses: the one holding this package
+    (``pip install -e .``, as ``make`` does), else the current directory (a ``pip install .``
+    run from inside a checkout)."""
+    here = Path(__file__).resolve().parents[2]
+    if (here / "notebooks").is_dir() or not (Path.cwd() / "notebooks").is_dir():
+        return here
+    return Path.cwd()
+
+
+ROOT = repo_root()
 NOTEBOOK_DIR = ROOT / "notebooks"
 PROFILE_DIR = ROOT / "profiles"
 KERNEL = "bloomkit"
@@ -213,12 +225,52 @@ def run_profile(profile_name: str, out_dir: str | Path, only: list[str] | None =
     return records
 
 
+def profile_lines() -> list[str]:
+    """One line per profile in ``profiles/``: its name and the first sentence of its description."""
+    lines = []
+    for path in sorted(PROFILE_DIR.glob("*.yaml")):
+        try:
+            desc = str(load_profile(path.stem)["description"])
+        except UserError as exc:
+            desc = str(exc)
+        first = " ".join(desc.split()).split(". ")[0].rstrip(".")
+        lines.extend(textwrap.wrap(first, 96, initial_indent=f"  {path.stem:<18} ",
+                                   subsequent_indent=" " * 21))
+    return lines or [f"  (none: no profiles/*.yaml under {ROOT}; run from a checkout of the repository)"]
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m bloomkit.notebooks`` (``bloomkit-notebooks``); its help
+    lists the profiles.
+
+    Example:
+        >>> parser().parse_args(["--only", "01", "02"]).only
+        ['01', '02']
+    """
+    from .cli import Parser
+
+    p = Parser(prog="python -m bloomkit.notebooks",
+               description="Execute the notebooks headless (papermill) with a profile: the executed\n"
+                           "notebooks, their HTML, results.jsonl and a report go under --out.",
+               formatter_class=argparse.RawDescriptionHelpFormatter,
+               epilog="profiles (profiles/<name>.yaml; the model and sizes each notebook runs, "
+                      "hence its time and memory):\n" + "\n".join(profile_lines()))
+    p.add_argument("--profile", default="cpu-tiny", metavar="NAME",
+                   help="which profiles/<NAME>.yaml to run, listed below; a profile this machine "
+                        "cannot run (GPUs, memory) stops before any model is built "
+                        "(default: %(default)s, the CI profile)")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="where the executed notebooks and results go (default: runs/<profile>)")
+    p.add_argument("--only", nargs="*", metavar="PREFIX",
+                   help="run only the notebooks whose names start with these, e.g. 01 02 "
+                        "(default: every notebook)")
+    return p
+
+
 @cli_entry
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Execute the notebooks headless with a profile.")
-    p.add_argument("--profile", default="cpu-tiny")
-    p.add_argument("--out", default=None, help="default: runs/<profile>")
-    p.add_argument("--only", nargs="*", help="notebook name prefixes, e.g. 01 02")
+    """``python -m bloomkit.notebooks`` and the ``bloomkit-notebooks`` command (argv: ``sys.argv``)."""
+    p = parser()
     args = p.parse_args(argv)
     out = args.out or f"runs/{args.profile}"
     run_profile(args.profile, out, args.only)

@@ -2,7 +2,7 @@
 
 Fields (all strategies): ``strategy, model, dtype, world_size, batch_size, max_new_tokens,
 cycles, status`` (``ok`` or ``oom``), ``load_seconds, ms_per_token, cycle_seconds,
-peak_rss_bytes, cuda_max_allocated_bytes, prompts`` (input text of each row), ``tokens``
+peak_rss_bytes, peak_rss_method, cuda_max_allocated_bytes, prompts`` (input text of each row), ``tokens``
 (new token ids of each row, prompt excluded), ``texts, options`` (strategy flags),
 ``quality`` (agreement with a reference, when measured), ``hardware, versions, created``.
 
@@ -35,6 +35,8 @@ def make_record(*, strategy: str, model: str, dtype: str, batch_size: int, max_n
         "ms_per_token": timing.ms_per_token if timing else (OOM if status == OOM else None),
         "cycle_seconds": timing.cycle_seconds if timing else None,
         "peak_rss_bytes": timing.peak_rss_bytes if timing else None,
+        # "kernel": Linux's exact high-water mark; "sampled": RSS read every 20 ms (the fallback)
+        "peak_rss_method": getattr(timing, "peak_rss_method", None) if timing else None,
         "cuda_max_allocated_bytes": timing.cuda_max_allocated_bytes if timing else None,
         # the blog's metric mixes these: prefill (time to first token) and the decode steps
         "ttft_ms": timing.ttft_ms if timing else None,

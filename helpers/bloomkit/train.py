@@ -94,29 +94,82 @@ def encode(tok, texts: list[str], eos_id: int = 2) -> list[int]:
 
 # ---------------------------------------------------------------------------- training
 
+def parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m bloomkit.train`` (``bloomkit-train``).
+
+    A bad flag ends in one ``error:`` line (exit 2); ``--help`` gives each flag's default and
+    what it costs in memory or time.
+
+    Example:
+        >>> parser().parse_args(["--out", "/tmp/t", "--minutes", "0.05"]).minutes
+        0.05
+    """
+    from .cli import Parser
+
+    ap = Parser(prog="python -m bloomkit.train", description=__doc__.split("\n")[0],
+                epilog="Example (a smoke test, seconds): python -m bloomkit.train --out /tmp/t "
+                       "--minutes 0.05 --max_files 20.  Step time and memory grow with "
+                       "--batch x --seq_len (activations) and with --hidden and --layers (weights, "
+                       "gradients and AdamW's two moments: 16 bytes per parameter in fp32).")
+    ap.add_argument("--out", required=True, metavar="DIR",
+                    help="directory to write the checkpoint to (safetensors weights, tokenizer, "
+                         "held-out sample, bloomkit_trained.json); required")
+    run = ap.add_argument_group("how long it trains")
+    run.add_argument("--minutes", type=float, default=18.0,
+                     help="training time box; the steps it allows depend on the machine, and more "
+                          "steps give a lower loss (default: %(default)s, the shipped model)")
+    run.add_argument("--max_steps", type=int, default=None,
+                     help="stop after this many steps, and schedule the learning rate by steps: "
+                          "reproducible step for step on any machine (default: none, the time box "
+                          "decides)")
+    run.add_argument("--seed", type=int, default=1234,
+                     help="seeds the data order and the initialisation (default: %(default)s)")
+    run.add_argument("--log_every", type=int, default=50,
+                     help="print the loss every N steps (default: %(default)s)")
+    run.add_argument("--threads", type=int, default=2,
+                     help="torch threads; 1 is faster when other jobs share the cores "
+                          "(default: %(default)s)")
+    data = ap.add_argument_group("corpus and tokenizer (Python's standard library)")
+    data.add_argument("--max_mb", type=float, default=4.0,
+                      help="training corpus cap in MB; tokenizing takes longer and the token "
+                           "tensor grows with it (8 bytes per token) (default: %(default)s)")
+    data.add_argument("--max_files", type=int, default=None,
+                      help="only the first N training files and N/10 held-out ones: a smoke run in "
+                           "seconds (default: every file within --max_mb)")
+    data.add_argument("--vocab", type=int, default=4096,
+                      help="byte-level BPE vocabulary trained on the corpus; the embedding (tied "
+                           "with the LM head) holds vocab x hidden parameters, and the logits of "
+                           "each step batch x seq_len x vocab floats (default: %(default)s)")
+    data.add_argument("--tokenizer", default=None, metavar="DIR",
+                      help="reuse DIR's tokenizer (tokenizer.json) instead of training one: a draft "
+                           "for speculative decoding must share its target's vocabulary exactly "
+                           "(default: train one; --vocab is then ignored)")
+    model = ap.add_argument_group("the model (a BloomForCausalLM) and the optimiser")
+    model.add_argument("--hidden", type=int, default=256,
+                       help="hidden size; parameters grow as 12 x layers x hidden^2, and step time "
+                            "with them (default: %(default)s)")
+    model.add_argument("--layers", type=int, default=4,
+                       help="transformer blocks; parameters, memory and step time grow linearly "
+                            "(default: %(default)s)")
+    model.add_argument("--heads", type=int, default=8,
+                       help="attention heads; must divide --hidden (head size hidden/heads) "
+                            "(default: %(default)s)")
+    model.add_argument("--seq_len", type=int, default=128,
+                       help="tokens per training row; attention's memory and time grow with its "
+                            "square (default: %(default)s)")
+    model.add_argument("--batch", type=int, default=16,
+                       help="rows per step (batch x seq_len tokens); activation memory and step "
+                            "time grow linearly (default: %(default)s)")
+    model.add_argument("--lr", type=float, default=2e-3,
+                       help="AdamW's peak learning rate: 100-step warm-up, then cosine to 10%% "
+                            "(default: %(default)s)")
+    return ap
+
+
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bloomkit.train", description=__doc__.split("\n")[0])
-    ap.add_argument("--out", required=True, help="directory to write the checkpoint to")
-    ap.add_argument("--minutes", type=float, default=18.0, help="training time box (default 18)")
-    ap.add_argument("--max_steps", type=int, default=None, help="stop after this many steps")
-    ap.add_argument("--seed", type=int, default=1234)
-    ap.add_argument("--max_files", type=int, default=None, help="only N training files (smoke runs)")
-    ap.add_argument("--max_mb", type=float, default=4.0, help="training corpus cap in MB")
-    ap.add_argument("--vocab", type=int, default=4096)
-    ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--heads", type=int, default=8)
-    ap.add_argument("--seq_len", type=int, default=128)
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--log_every", type=int, default=50)
-    ap.add_argument("--tokenizer", default=None, metavar="DIR",
-                    help="reuse DIR's tokenizer (tokenizer.json) instead of training one: a draft "
-                         "for speculative decoding must share its target's vocabulary exactly")
-    ap.add_argument("--threads", type=int, default=2,
-                    help="torch threads (1 is faster when other jobs share the cores)")
-    args = ap.parse_args(argv)
+    """``python -m bloomkit.train`` and the ``bloomkit-train`` command (argv: ``sys.argv``)."""
+    args = parser().parse_args(argv)
     for name in ("minutes", "vocab", "hidden", "layers", "heads", "seq_len", "batch", "threads"):
         if getattr(args, name) <= 0:
             raise UserError(f"--{name} must be positive, got {getattr(args, name)}")

@@ -456,7 +456,9 @@ def widget(model="BLOOM-176B", dtype="bf16", n_gpus=8, gpu_memory="80GB", cpu_ra
 def measure_peak(path, dtype: str = "fp32", batch_sizes=(1, 32), max_new_tokens: int = 32) -> list[dict]:
     """Check :func:`peak_bytes` on this machine: load ``path`` on the CPU in this process,
     run one greedy ``generate`` per batch size (smallest first, so each peak is the
-    largest yet) while sampling the process's RSS, and return predicted and measured peaks.
+    largest yet) measuring the process's peak RSS (:class:`~bloomkit.measure.harness.PeakRSS`:
+    the kernel's high-water mark where Linux lets it be reset, else sampled every 5 ms; the
+    row's ``peak_method`` says which), and return predicted and measured peaks.
     Run it in a fresh process: memory freed by earlier work would be reused, unseen."""
     import psutil
     import torch
@@ -478,6 +480,7 @@ def measure_peak(path, dtype: str = "fp32", batch_sizes=(1, 32), max_new_tokens:
         pred = peak_bytes(models.load_config(path), dtype, bs, prompt, max_new_tokens, baseline=baseline)
         out.append({"batch_size": bs, "prompt_tokens": prompt, "new_tokens": max_new_tokens,
                     "predicted_bytes": pred["total"], "measured_peak_rss_bytes": rss.peak,
+                    "peak_method": rss.method,
                     "ratio": rss.peak / pred["total"], **{f"predicted_{k}_bytes": v for k, v in pred.items()
                                                          if k != "total"}})
     return out

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import UserError
+from ..memory import empty_model  # noqa: F401 (the skeleton accelerate plans on; notebook 01 calls it here)
 
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential", "none")
 
@@ -108,20 +109,6 @@ def _quiet():
     hf_logging.disable_progress_bar()
 
 
-def empty_model(config, dtype: str = "bf16"):
-    """The model skeleton on the ``meta`` device: every shape, zero bytes.  Takes ~1 s even
-    for BLOOM-176B, which is what lets accelerate plan placement before reading weights."""
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
-
-    from ..dtypes import torch_dtype
-
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype(dtype))
-    model.tie_weights()
-    return model
-
-
 def plan_device_map(config, max_memory: dict, dtype: str = "bf16", device_map: str = "auto"):
     """Compute (without loading anything) the device map ``from_pretrained`` would use.
 
@@ -172,65 +159,115 @@ def plan_device_map(config, max_memory: dict, dtype: str = "bf16", device_map: s
                                  dtype=torch_dtype(dtype))
 
 
-def device_map_summary(device_map: dict, config=None, dtype: str = "bf16"):
-    """A table: per device, the decoder blocks it holds and (with ``config``) its weight bytes.
+def _size_dtype(dtype: str):
+    """What accelerate sizes each weight as for ``dtype``: one byte under ``int8``, half a byte
+    under ``nf4`` / ``int4`` (scales left out, as in :func:`bloomkit.memory.weight_bytes`)."""
+    import torch
+    from accelerate.utils import CustomDtype
 
-    Blocks are the device map's entries under the model's list of decoder blocks
-    (``transformer.h`` in BLOOM, ``model.layers`` in Llama, ``gpt_neox.layers``, ...: see
-    :func:`bloomkit.arch.block_prefix`), counted by layer index; an entry above the list
-    (``""``, ``model``) holds every block.  Weights: blocks x the parameters of one block,
-    plus what lies outside the blocks — the embeddings on the device of an ``embed`` /
-    ``wte`` / ``word_embeddings`` entry, an untied head on that of ``lm_head`` /
-    ``embed_out``, the final norm(s) on that of any other entry — by the arithmetic of
-    :mod:`bloomkit.arch`, for any family."""
+    from ..dtypes import torch_dtype
+
+    name = str(dtype).replace("torch.", "")
+    if name == "int8":
+        return torch.int8
+    if name in ("int4", "nf4"):
+        return CustomDtype.INT4
+    return torch_dtype(name)
+
+
+_SKELETONS: dict[tuple[str, str], tuple[dict, str | None, int]] = {}
+
+
+def module_sizes(config, dtype: str = "bf16") -> tuple[dict[str, int], str | None, int]:
+    """``(sizes, blocks_prefix, n_blocks)`` of ``config``'s model, from its meta skeleton
+    (:func:`empty_model`): ``sizes`` maps every module and parameter name (``""``: the whole
+    model) to its bytes in ``dtype`` by :func:`accelerate.utils.compute_module_sizes` (the
+    numbers ``infer_auto_device_map`` places modules by; a tied weight counted once, buffers
+    included); the decoder-block list is found by :func:`bloomkit.arch.decoder_blocks`.
+    Kept per config and dtype: the skeleton of BLOOM-176B took 0.4 to 8 s to build here.
+
+    Example:
+        >>> from bloomkit import models
+        >>> sizes, prefix, n = module_sizes(models.bloom_config("bloom"), "bf16")
+        >>> sizes[""], prefix, n
+        (352494542848, 'transformer.h', 70)
+    """
+    from accelerate.utils import compute_module_sizes
+
+    from .. import arch
+    from ..memory import transformers_config
+
+    cfg = transformers_config(config)
+    key = (cfg.to_json_string(use_diff=False), str(dtype))
+    if key not in _SKELETONS:
+        model = empty_model(cfg, "fp32")
+        prefix, blocks = arch.decoder_blocks(model)
+        sizes = compute_module_sizes(model, dtype=_size_dtype(dtype))
+        _SKELETONS[key] = ({k: int(v) for k, v in sizes.items()}, prefix, len(blocks))
+    sizes, prefix, n = _SKELETONS[key]
+    return dict(sizes), prefix, n
+
+
+def _block_sets(device_map: dict, prefix: str | None, n: int | None) -> dict[str, set[int]]:
+    """Per device of ``device_map``, the indices of the blocks under ``prefix`` it holds: an
+    entry that names a block or lies inside one counts for that block, an entry above the
+    list (``""``, ``model``, ``model.layers``) for all ``n`` of them."""
+    from .. import arch
+
+    out: dict[str, set[int]] = {str(dev): set() for dev in device_map.values()}
+    if prefix is None:
+        return out
+    for key, dev in device_map.items():
+        i = arch.block_index(key, prefix)
+        if i is not None:
+            out[str(dev)].add(i)
+        elif key == "" or key == prefix or prefix.startswith(key + "."):
+            out[str(dev)].update(range(n or 0))
+    return out
+
+
+def device_map_summary(device_map: dict, config=None, dtype: str = "bf16"):
+    """A table, one row per device of ``device_map``: its entries (``modules``), the decoder
+    blocks it holds (``blocks``) and, with ``config``, the bytes of its weights in ``dtype``
+    (``weight_bytes``; ``weights_GB`` rounded to the MB).
+
+    The bytes are accelerate's :func:`accelerate.utils.compute_module_sizes` of the model's
+    meta skeleton summed over each device's entries (:func:`module_sizes`): exact for any
+    family, with no formula or guess about module names.  Blocks are counted by layer index
+    under the skeleton's list of decoder blocks (from the map's names alone without
+    ``config``); an entry above the list (``""``, ``model``) holds every block.
+
+    Args:
+        device_map: module name -> device, as ``infer_auto_device_map`` or a loaded model's
+            ``hf_device_map`` gives it.
+        config: the model's config (a transformers config or a plain dict), or ``None`` to
+            count blocks only.
+        dtype: the weights' dtype (``fp32``, ``bf16``, ``fp16``, ``int8``, ``nf4``).
+
+    Example:
+        >>> from bloomkit import models
+        >>> cfg = models.bloom_config("bloom")
+        >>> dmap = plan_device_map(cfg, {i: "80GiB" for i in range(8)}, "bf16", "balanced_low_0")
+        >>> s = device_map_summary(dmap, cfg, "bf16")
+        >>> int(s["blocks"].sum()), int(s["weight_bytes"].sum()) == module_sizes(cfg, "bf16")[0][""]
+        (70, True)
+    """
     import pandas as pd
 
     from .. import arch
-    from ..memory import dtype_bytes, param_count
 
-    prefix = arch.block_prefix(device_map, config)
-    if prefix is None and config is not None:
-        prefix = arch.family_of(config).blocks
-    n_layers = arch.layers_of(config) if config is not None else None
-    per_block = None
-    outer = {}     # what lies outside the blocks, by kind of entry
+    sizes = None
     if config is not None:
-        b = dtype_bytes(dtype)
-        per_block = arch.block_params(config) * b
-        by = arch.params_by_module(config)
-        outer = {"embeddings": by["embeddings"] * b, "head": by["head"] * b}
-        outer["norms"] = (param_count(config) - n_layers * arch.block_params(config)) * b \
-            - outer["embeddings"] - outer["head"]
-
-    def kind(key: str) -> str:
-        last = key.rsplit(".", 1)[-1]
-        if last in ("lm_head", "embed_out"):
-            return "head"
-        if "embed" in last or last in ("wte", "wpe") or last == "project_in":
-            return "embeddings"
-        return "head" if last == "project_out" else "norms"
-
-    def covers_blocks(key: str) -> bool:   # "", "model", "model.layers" hold the whole list
-        return prefix is not None and (key == "" or key == prefix or prefix.startswith(key + "."))
-
+        sizes, prefix, n_layers = module_sizes(config, dtype)
+    else:
+        prefix, n_layers = arch.block_prefix(device_map), None
+    blocks = _block_sets(device_map, prefix, n_layers)
     rows = []
     for dev, n in Counter(device_map.values()).items():
-        keys = [k for k, v in device_map.items() if v == dev]
-        blocks, outside = set(), set()
-        for k in keys:
-            i = arch.block_index(k, prefix) if prefix is not None else None
-            if i is not None:
-                blocks.add(i)
-            elif covers_blocks(k):
-                blocks.update(range(n_layers or 0))
-                if k != prefix:   # "model": embeddings and final norm come with it; "": all
-                    outside.update(outer if k == "" else ("embeddings", "norms"))
-            else:
-                outside.add(kind(k))
-        row = {"device": str(dev), "modules": n, "blocks": len(blocks)}
-        if per_block is not None:
-            row["weights_GB"] = round((len(blocks) * per_block
-                                       + sum(outer[o] for o in outside)) / 1e9, 3)
+        row = {"device": str(dev), "modules": n, "blocks": len(blocks[str(dev)])}
+        if sizes is not None:
+            row["weight_bytes"] = sum(sizes.get(k, 0) for k, v in device_map.items() if v == dev)
+            row["weights_GB"] = round(row["weight_bytes"] / 1e9, 3)
         rows.append(row)
     return pd.DataFrame(rows).set_index("device")
 
@@ -252,15 +289,8 @@ def blocks_by_device(device_map: dict, config) -> dict[str, list[int]]:
     from .. import arch
 
     prefix = arch.block_prefix(device_map, config) or arch.family_of(config).blocks
-    n = arch.layers_of(config)
-    out: dict[str, set] = {}
-    for key, dev in device_map.items():
-        i = arch.block_index(key, prefix)
-        if i is not None:
-            out.setdefault(str(dev), set()).add(i)
-        elif key == "" or key == prefix or prefix.startswith(key + "."):
-            out.setdefault(str(dev), set()).update(range(n))
-    return {dev: sorted(blocks) for dev, blocks in out.items()}
+    sets = _block_sets(device_map, prefix, arch.layers_of(config))
+    return {dev: sorted(blocks) for dev, blocks in sets.items() if blocks}
 
 
 def unfused_4bit_layers(model) -> list[str]:

@@ -29,7 +29,7 @@ What this module does, once for the recipe, the server, the notebook and the tes
   gathers every stream.
 * :func:`offload_info` / :func:`variant_label`: what a record says it ran; an NVMe run whose
   partitions all stay under the 1 MiB swap threshold is labelled ``nvme (nothing swapped)``.
-* :class:`DiskReads`: bytes read from disk per generated token (``/proc/self/io``), per batch size.
+* :class:`DiskReads`: bytes read from disk per generated token (psutil's ``io_counters``), per batch size.
 * :func:`swap_files` / :func:`swap_session`: what is on the disk, and cleaning it up.
 * :func:`read_bandwidth`: the disk's measured ``O_DIRECT`` read bandwidth (the roofline).
 
@@ -1039,17 +1039,23 @@ def offload_info(config, offload: str, *, dtype: str = "fp32", world_size: int =
 
 # ---------------------------------------------------------------------------- disk reads
 
-def disk_read_bytes(pid="self") -> int | None:
-    """Bytes process ``pid`` (all its threads) has read from block devices so far
-    (``read_bytes`` of ``/proc/<pid>/io``): DeepSpeed's ``O_DIRECT`` swap reads count, page-cache
-    hits do not.  ``None`` where the kernel does not report it."""
+def disk_read_bytes(pid: int | None = None) -> int | None:
+    """Bytes process ``pid`` (this one by default; all its threads) has read from block devices
+    so far: psutil's ``io_counters().read_bytes`` (on Linux ``read_bytes`` of
+    ``/proc/<pid>/io``), so DeepSpeed's ``O_DIRECT`` swap reads count and page-cache hits do
+    not.  ``None`` where the system does not report it (macOS, a kernel without task I/O
+    accounting) or the process is gone.
+
+    Example:
+        >>> disk_read_bytes() >= 0   # on Linux
+        True
+    """
+    import psutil
+
     try:
-        for line in Path(f"/proc/{pid}/io").read_text().splitlines():
-            if line.startswith("read_bytes:"):
-                return int(line.split()[1])
-    except (OSError, ValueError):
-        pass
-    return None
+        return int(psutil.Process(pid).io_counters().read_bytes)
+    except (AttributeError, psutil.Error, OSError):   # AttributeError: no io_counters here
+        return None
 
 
 class DiskReads:
