@@ -23,6 +23,9 @@ With --only, the other parts already in --out are kept.
   Accelerate server (and its throughput at 1 and 16 clients).
 
 Every answer under load is checked against the answer its prompt got alone (``mismatches``).
+The metrics are vLLM ``bench serve``'s, by its definitions (numpy percentiles; the record's
+``metric_definitions``), each run with its per-request samples; ``length_control`` says how output
+lengths were held equal (``ignore_eos``, which this server honours).
 On a shared 2-core machine the absolute numbers move with the other jobs (the record keeps the
 load average); the ratios are measured within one round.
 """
@@ -82,6 +85,7 @@ def accelerate(name: str, server_args=(), rounds: int = 3) -> dict:
             out[label] = {"server_args": [*server_args, *extra], "ready_seconds": time.perf_counter() - t0}
         expected = {t: asyncio.run(loadtest.reference(next(iter(srvs.values())).url, loadtest.DEFAULT_PROMPTS, mt))
                     for t, mt in TRAFFIC.items()}
+        out["length_control"] = asyncio.run(loadtest.length_control(next(iter(srvs.values())).url)).record()
         for label in servers:
             for t, mt in TRAFFIC.items():
                 out[label][t] = {"max_tokens": mt, "rounds": []}
@@ -157,6 +161,7 @@ def tp2(name: str, reference: dict | None = None) -> dict:
     with Server(["--name", name, "--strategy", "ds-inference"], nprocs=2, ready_timeout=600) as srv:
         expected = asyncio.run(loadtest.reference(srv.url, loadtest.DEFAULT_PROMPTS, mt))
         out = {"expected": expected, "max_tokens": mt,
+               "length_control": asyncio.run(loadtest.length_control(srv.url)).record(),
                "runs": [run(srv, mt, c, n, expected) for c, n in {1: 8, 16: 32}.items()]}
     if reference is None:
         with Server(["--name", name], ready_timeout=600) as srv:
@@ -178,7 +183,8 @@ def main(argv=None):
     out = {}
     if os.path.exists(args.out):   # --only: the other parts already there are kept
         out = json.loads(open(args.out).read())
-    out.update({"model": args.name, "hardware": sysinfo.hardware(), "load_average_before": os.getloadavg()})
+    out.update({"model": args.name, "hardware": sysinfo.hardware(), "load_average_before": os.getloadavg(),
+                "metric_definitions": loadtest.METRIC_DEFINITIONS})
     if "accelerate" in args.only:
         out["accelerate"] = accelerate(args.name, args.server_args.split(), args.rounds)
     if "burst" in args.only:

@@ -58,5 +58,7 @@ def check(run):
     assert re.search(r"max_tokens too large: 400 max_tokens: .*use max_tokens\s+\d+ or less", text, re.S)
     # percentiles only where a run has enough requests: the load table says which it shows
     assert "'p50 / p90' from 10 requests on" in text
+    # the load test sent ignore_eos (this server is known to honour it) and every length held
+    assert "Output lengths: ignore_eos (every request made exactly its max_tokens: True)." in text
     assert not re.search(r"\bp99\b", text)
     assert any("image/png" in o.get("data", {}) for c in run.code_cells for o in c.get("outputs", []))

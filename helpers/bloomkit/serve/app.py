@@ -21,7 +21,6 @@ import uuid
 
 from fastapi import Request as HTTPRequest
 
-from ..measure import harness
 from .scheduler import BadRequest, Engine, Params, QueueFull, Request
 
 MAX_STOP = 4
@@ -100,41 +99,43 @@ def parse_messages(body: dict) -> list[dict]:
 
 
 def metrics_text(engine: Engine) -> str:
-    """Prometheus text format: what an operator watches (queue, batch, tokens/s, TTFT)."""
-    m = engine.metrics.snapshot()   # one consistent copy, taken under the metrics lock
-    lines = []
+    """``/metrics``: the engine's registry (:class:`~.scheduler.Metrics`) in Prometheus' text
+    format, written by prometheus_client's own exposition (``generate_latest``); read it back
+    with :func:`read_metrics`."""
+    from prometheus_client import generate_latest
 
-    def metric(name, kind, help_, value, labels=""):
-        if not any(ln.startswith(f"# TYPE {name} ") for ln in lines):
-            lines.extend([f"# HELP {name} {help_}", f"# TYPE {name} {kind}"])
-        lines.append(f"{name}{labels} {value}")
+    return generate_latest(engine.metrics.registry).decode()
 
-    metric("bloomkit_queue_length", "gauge", "Rows waiting for a place in the running batch",
-           engine.queued)
-    metric("bloomkit_running_batch", "gauge", "Rows in the running batch", len(engine.rows))
-    metric("bloomkit_tokens_per_second", "gauge",
-           f"Generated tokens per second over the last {m.window_s:g} s", round(m.tokens_per_s, 3))
-    metric("bloomkit_generated_tokens_total", "counter", "Generated tokens", m.tokens_total)
-    metric("bloomkit_steps_total", "counter", "Batched forward steps", m.steps)
-    metric("bloomkit_compiled_graphs", "gauge", "Graphs torch.compile built in this process (--compile: "
-           "all before the first request; a rise under load is a recompile)", harness.compiled_graphs())
-    for status, n in m.requests.items():
-        metric("bloomkit_requests_total", "counter", "Requests by outcome", n, f'{{status="{status}"}}')
-    ttft = sorted(m.ttft)
-    name = "bloomkit_time_to_first_token_seconds"
-    lines.extend([f"# HELP {name} Arrival to first generated token (recent requests)",
-                  f"# TYPE {name} summary"])
-    for q in (0.5, 0.9, 0.99):
-        v = ttft[min(int(q * len(ttft)), len(ttft) - 1)] if ttft else float("nan")
-        lines.append(f'{name}{{quantile="{q}"}} {v:.6f}')
-    lines += [f"{name}_sum {m.ttft_sum:.6f}", f"{name}_count {int(m.ttft_count)}"]
-    return "\n".join(lines) + "\n"
+
+def read_metrics(text: str) -> dict[str, float]:
+    """Parse ``/metrics`` text with prometheus_client's parser: ``{sample: value}``, the sample
+    named as exposed, labels sorted, e.g. ``bloomkit_generation_tokens_total``,
+    ``bloomkit_requests_total{outcome="ok"}``, ``bloomkit_time_to_first_token_seconds_count``.
+    Rates come from two reads: tokens/s = the difference of ``bloomkit_generation_tokens_total``
+    over the seconds between them; mean TTFT = ``_sum`` / ``_count``.
+
+    Args:
+        text: the body of ``GET /metrics``.
+
+    Example:
+        >>> read_metrics('# TYPE x_total counter\\nx_total{a="1"} 2\\n')
+        {'x_total{a="1"}': 2.0}
+    """
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
+            out[s.name + (f"{{{labels}}}" if labels else "")] = float(s.value)
+    return out
 
 
 def create_app(engine: Engine, tokenizer, model_id: str, *, default_max_tokens: int = 16):
     """The FastAPI app.  ``model_id`` is what ``/v1/models`` lists and ``model`` must name."""
     from fastapi import FastAPI
-    from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+    from fastapi.responses import JSONResponse, Response, StreamingResponse
+    from prometheus_client import CONTENT_TYPE_LATEST
 
     app = FastAPI(title="bloomkit serve", docs_url=None, redoc_url=None)
     created = int(time.time())
@@ -192,7 +193,7 @@ def create_app(engine: Engine, tokenizer, model_id: str, *, default_max_tokens: 
 
         if stream:
             async def sse():
-                done, counts = set(), {}
+                done, counts, ended = set(), {}, None
                 try:
                     while len(done) < len(ids):
                         ev = await events.get()
@@ -203,6 +204,8 @@ def create_app(engine: Engine, tokenizer, model_id: str, *, default_max_tokens: 
                         counts[i] = (n_prompt, n_out)
                         if finish:
                             done.add(i)
+                            if len(done) == len(ids):
+                                ended = time.perf_counter()
                         fin = None if finish in (None,) else ("stop" if finish == "stop" else "length")
                         chunk = {"id": rid, "object": obj + (".chunk" if chat else ""), "created": int(time.time()),
                                  "model": model_id, "choices": [choice(i, text, fin, True)]}
@@ -216,7 +219,7 @@ def create_app(engine: Engine, tokenizer, model_id: str, *, default_max_tokens: 
                     if len(done) < len(ids):
                         req.cancelled = True   # the client went away: free its rows
                     else:
-                        engine.metrics.count("ok")
+                        engine.metrics.finished(req, max(c[1] for c in counts.values()), ended)
 
             return StreamingResponse(sse(), media_type="text/event-stream")
 
@@ -239,7 +242,7 @@ def create_app(engine: Engine, tokenizer, model_id: str, *, default_max_tokens: 
         finally:
             if len(finish) < len(ids):
                 req.cancelled = True
-        engine.metrics.count("ok")
+        engine.metrics.finished(req, max(c[1] for c in counts.values()))
         return JSONResponse({"id": rid, "object": obj, "created": int(time.time()), "model": model_id,
                              "choices": [choice(i, texts[i], finish[i], False) for i in range(len(ids))],
                              "usage": usage(counts)})
@@ -285,7 +288,7 @@ def create_app(engine: Engine, tokenizer, model_id: str, *, default_max_tokens: 
 
     @app.get("/metrics")
     async def metrics():
-        return PlainTextResponse(metrics_text(engine), media_type="text/plain; version=0.0.4")
+        return Response(metrics_text(engine), media_type=CONTENT_TYPE_LATEST)
 
     return app
 

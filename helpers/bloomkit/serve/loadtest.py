@@ -1,4 +1,4 @@
-"""A load-test client that speaks only the OpenAI API (so it measures vLLM's server the same way).
+"""A load-test client that speaks only the OpenAI API and measures by the definitions of vLLM's bench serve.
 
 ``python -m bloomkit.serve.loadtest --url http://127.0.0.1:8000 --concurrency 1,4,16 --requests 48``
 
@@ -8,13 +8,29 @@ the last one is answered: a closed loop, the server's throughput at C in flight)
 which keeps climbing once the rate passes what the server can do).  Runs are bounded in count
 and in time, and the URL must be on loopback.
 
-Every request streams (``stream: true``), which is how time to first token (TTFT: queueing +
-prefill) and time per output token (TPOT: the decode step the request shares with the batch)
-are seen from the outside; end-to-end latency is the whole request.  Requests are greedy
-(``temperature: 0``) with ``ignore_eos`` (vLLM's extension, so each makes exactly ``max_tokens``
-tokens), and a reference pass first asks every distinct prompt alone: under load, each answer
-must equal the answer its own prompt got alone — a response that went to the wrong request, or
-a batch that changed the arithmetic, shows up as a mismatch.
+**What is measured, and how.**  Every request streams (``stream: true``), which is how the
+latencies are seen from the outside.  The metrics are vLLM's ``vllm bench serve`` metrics, by its
+definitions (:data:`METRIC_DEFINITIONS`, written into every JSON record): time to first token
+(TTFT), time per output token (TPOT = (E2E - TTFT) / (output tokens - 1), per request), inter-token
+latency (ITL: the gaps between a request's streamed chunks), end-to-end latency (E2E), request,
+output-token and total-token throughput, and *goodput*: requests per second that met every given
+SLO (``--goodput ttft:MS tpot:MS``).  Percentiles follow numpy's default rule
+(:func:`percentile`).  Each run keeps its per-request samples.
+
+**Fields sent.**  Requests are greedy (``temperature: 0``) and carry only standard OpenAI fields,
+unless the server is known to accept an extension that holds output lengths equal
+(:func:`resolve_extensions`): vLLM's ``ignore_eos`` (and ``min_tokens``).  ``--extensions auto``
+(the default) takes them from the ``owned_by`` of the server's ``/v1/models``: this project's
+server (``bloomkit``) and vLLM (``vllm``) honour ``ignore_eos``; any other server, such as
+``transformers serve``, which answers unknown fields with 422, gets standard fields only, and its
+record says ``"not held: max_tokens only, output lengths as produced"`` beside the lengths each
+request actually got.  ``--extensions ignore_eos,min_tokens`` names them instead (each is tried
+once; one the server refuses is dropped and the refusal recorded); ``--extensions none`` sends
+standard fields to any server.
+
+**Answers are checked.**  A reference pass first asks every distinct prompt alone: under load,
+each answer must equal the answer its own prompt got alone — a response that went to the wrong
+request, or a batch that changed the arithmetic, shows up as a mismatch.
 
 **Output lengths.**  ``max_tokens`` is one number, or a range ``(lo, hi)`` from which each request
 draws its own length (seeded by its index, so every run asks the same sequence).  With one
@@ -31,70 +47,264 @@ import argparse
 import asyncio
 import json
 import random
-import statistics
 import sys
 import time
+from dataclasses import dataclass, field
+from typing import Sequence
 from urllib.parse import urlparse
 
+from ..cli import Parser, positive_int
+from ..errors import UserError, cli_entry
 from ..prompts import STANDARD_PROMPTS
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
 
 DEFAULT_PROMPTS = list(STANDARD_PROMPTS)  # the blog's 8
 
+PERCENTILES = (50, 90, 99)
+LATENCIES = ("ttft", "tpot", "itl", "e2e")
+SLO_METRICS = {"ttft": "ttft", "tpot": "tpot", "e2el": "e2e"}   # --goodput key -> per-request key
+
+EXTENSIONS = ("ignore_eos", "min_tokens")
+# Servers known (from their source or documentation) to honour an extension that holds output
+# lengths equal, by the ``owned_by`` of their /v1/models.  Ours also accepts ``min_tokens`` but
+# ignores it (app.parse_params reads ignore_eos only), so it is not listed.
+KNOWN_EXTENSIONS = {"bloomkit": ("ignore_eos",), "vllm": ("ignore_eos",)}
+NOT_HELD = "not held: max_tokens only, output lengths as produced"
+
+METRIC_DEFINITIONS = {
+    "source": "vLLM `vllm bench serve` (vllm/benchmarks/serve.py and lib/endpoint_request_func.py): "
+              "streamed /v1/completions, per-request samples, numpy percentiles",
+    "ttft": "request sent -> first streamed chunk that carries choices (its text may be empty)",
+    "tpot": "per request (e2e - ttft) / (output_tokens - 1); no sample for 1 output token "
+            "(counted as 0 against a tpot SLO, as vLLM does)",
+    "itl": "gaps between consecutive streamed chunks of one request (a chunk may carry several "
+           "tokens), pooled over the run's requests",
+    "e2e": "request sent -> last streamed chunk that carries choices (vLLM's E2EL)",
+    "output_tokens": "usage.completion_tokens of the stream (stream_options.include_usage), "
+                     "else one per chunk",
+    "prompt_tokens": "usage.prompt_tokens of the stream (None when the server sends no usage)",
+    "duration": "first request sent -> last request's last chunk",
+    "request_throughput": "completed requests / duration",
+    "output_throughput": "output tokens of the completed requests / duration",
+    "total_token_throughput": "(prompt + output tokens of the completed requests) / duration",
+    "goodput": "completed requests meeting every given SLO (ttft, tpot, e2el in ms: metric <= SLO) "
+               "/ duration",
+    "percentiles": "numpy.percentile(values, q): linear interpolation between the closest ranks",
+    "std": "numpy.std (population)",
+    "failed": "a request with a non-200 status, an error event, or no chunk: counted in errors, "
+              "in no metric",
+}
+
 
 def check_url(url: str) -> str:
+    """``url`` without a trailing slash, if its host is on loopback.
+
+    Args:
+        url: the server, e.g. ``http://127.0.0.1:8000``.
+
+    Example:
+        >>> check_url("http://127.0.0.1:8000/")
+        'http://127.0.0.1:8000'
+    """
     host = urlparse(url).hostname or ""
     if host not in LOOPBACK and host.strip("[]") not in LOOPBACK:
-        raise SystemExit(f"error: --url {url} is not on loopback; this client only loads a local server "
-                         "(127.0.0.1, localhost, ::1)")
+        raise UserError(f"--url {url} is not on loopback; this client only loads a local server "
+                        "(127.0.0.1, localhost, ::1)")
     return url.rstrip("/")
 
 
-def pct(values: list[float], q: float) -> float | None:
-    """The q-th percentile (nearest rank) of ``values``, or None when empty."""
-    if not values:
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """The ``q``-th percentile of ``values`` by numpy's default rule (linear interpolation
+    between the closest ranks, ``numpy.percentile(values, q)``), or None when empty.
+
+    Args:
+        values: the samples, in any order.
+        q: the percentile, 0 to 100.
+
+    Example:
+        >>> percentile([1, 2, 3, 4, 5, 6, 7, 8, 9, 10], 90)
+        9.1
+    """
+    import numpy as np
+
+    if len(values) == 0:
         return None
-    s = sorted(values)
-    return s[min(len(s) - 1, max(0, int(round(q / 100 * len(s) + 0.5)) - 1))]
+    return float(np.percentile(np.asarray(values, dtype=float), q))
 
 
-async def one(client, url: str, model: str, prompt: str, max_tokens: int) -> dict:
-    """One streamed greedy completion; its timings, text and token count."""
+def _std(values: Sequence[float]) -> float | None:
+    import numpy as np
+
+    return float(np.std(np.asarray(values, dtype=float))) if len(values) else None
+
+
+# ---------------------------------------------------------------------------- which fields to send
+
+@dataclass(frozen=True)
+class LengthControl:
+    """How a run holds output lengths equal: the extensions every request carries.
+
+    ``sent`` are the extension fields each request carries, ``refused`` maps an extension the
+    server refused to its answer, and ``decided_by`` says how the choice was made."""
+
+    sent: tuple[str, ...] = ()
+    refused: dict = field(default_factory=dict)
+    decided_by: str = "none asked for"
+
+    @property
+    def how(self) -> str:
+        """``"ignore_eos"``, ``"min_tokens"``, ``"ignore_eos+min_tokens"`` or :data:`NOT_HELD`."""
+        return "+".join(self.sent) if self.sent else NOT_HELD
+
+    def body(self, max_tokens: int) -> dict:
+        """The extension fields of one request asking for ``max_tokens`` tokens."""
+        out = {}
+        if "ignore_eos" in self.sent:
+            out["ignore_eos"] = True
+        if "min_tokens" in self.sent:
+            out["min_tokens"] = max_tokens
+        return out
+
+    def record(self) -> dict:
+        return {"how": self.how, "sent": list(self.sent), "refused": dict(self.refused),
+                "decided_by": self.decided_by}
+
+
+def parse_extensions(text: str) -> str | tuple[str, ...]:
+    """``auto``, ``none`` or a comma-separated list of :data:`EXTENSIONS`.
+
+    Example:
+        >>> parse_extensions("ignore_eos,min_tokens")
+        ('ignore_eos', 'min_tokens')
+    """
+    text = text.strip()
+    if text in ("auto", "none"):
+        return text
+    names = tuple(dict.fromkeys(x.strip() for x in text.split(",") if x.strip()))
+    bad = [n for n in names if n not in EXTENSIONS]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"unknown extension {', '.join(bad) or repr(text)}; use auto, none, "
+                                         f"or a list of {', '.join(EXTENSIONS)}")
+    return names
+
+
+async def resolve_extensions(client, url: str, wanted="auto", model: str | None = None,
+                             owned_by: str | None = None) -> LengthControl:
+    """Which extensions the requests of a run may carry.
+
+    ``auto``: those :data:`KNOWN_EXTENSIONS` lists for the server's ``owned_by`` (no request is
+    sent: a probe would count in the server's metrics, and a server that ignores unknown fields
+    would look as if it honoured them); ``none`` or ``()``: standard OpenAI fields only; a list:
+    each is tried once on a one-token request, and one the server answers with a 4xx is dropped
+    (the run is still measured, without it).
+
+    Args:
+        client: an ``httpx.AsyncClient``.
+        url: the server (checked to be on loopback).
+        wanted: ``"auto"``, ``"none"``, a sequence of extension names, or a :class:`LengthControl`
+            (returned as it is).
+        model: the model to name in a trial request (default: the first of ``/v1/models``).
+        owned_by: the server's ``owned_by`` if already read from ``/v1/models``.
+
+    Example:
+        >>> async with httpx.AsyncClient() as c:                        # doctest: +SKIP
+        ...     (await resolve_extensions(c, "http://127.0.0.1:8000")).how
+        'ignore_eos'
+    """
+    if isinstance(wanted, LengthControl):
+        return wanted
+    if wanted in (None, "none") or (not isinstance(wanted, str) and not wanted):
+        return LengthControl((), {}, "standard OpenAI fields only (--extensions none)")
+    if model is None or (wanted == "auto" and owned_by is None):
+        card = (await client.get(url + "/v1/models")).json()["data"][0]
+        model, owned_by = model or card["id"], card.get("owned_by")
+    if wanted == "auto":
+        known = KNOWN_EXTENSIONS.get(owned_by or "", ())
+        why = (f"auto: /v1/models owned_by {owned_by!r} is known to honour {', '.join(known)}" if known else
+               f"auto: /v1/models owned_by {owned_by!r} is not known to accept extensions; standard "
+               "OpenAI fields only")
+        return LengthControl(tuple(known), {}, why)
+    try:
+        names = parse_extensions(wanted if isinstance(wanted, str) else ",".join(wanted))
+    except argparse.ArgumentTypeError as exc:
+        raise UserError(f"extensions: {exc}") from None
+    sent, refused = [], {}
+    for name in names:
+        body = {"model": model, "prompt": DEFAULT_PROMPTS[0], "max_tokens": 1, "temperature": 0,
+                **LengthControl((name,)).body(1)}
+        r = await client.post(url + "/v1/completions", json=body)
+        if 400 <= r.status_code < 500:
+            refused[name] = f"HTTP {r.status_code}: {' '.join(r.text.split())[:200]}"
+        else:
+            sent.append(name)
+    return LengthControl(tuple(sent), refused, f"--extensions {','.join(names)}, each tried on one request")
+
+
+# ---------------------------------------------------------------------------- one request, one run
+
+async def one(client, url: str, model: str, prompt: str, max_tokens: int,
+              control: LengthControl = LengthControl()) -> dict:
+    """One streamed greedy completion: its timings (seconds), text and token counts.
+
+    The timings follow vLLM's client: TTFT at the first chunk that carries ``choices``, every
+    later such chunk adds its gap to ``itl``, E2E ends at the last one.
+
+    Args:
+        client: an ``httpx.AsyncClient``.
+        url: the server.
+        model: the model id the request names.
+        prompt: the prompt.
+        max_tokens: the most tokens to generate (exactly this many where ``control`` holds it).
+        control: the extensions the request carries (:func:`resolve_extensions`).
+    """
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
-            "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}}
+            "stream": True, "stream_options": {"include_usage": True}, **control.body(max_tokens)}
     t0 = time.perf_counter()
-    first, text, tokens, error = None, [], None, None
+    first = last = None
+    text, itl, chunks = [], [], 0
+    tokens = prompt_tokens = error = None
     try:
         async with client.stream("POST", url + "/v1/completions", json=body) as resp:
             if resp.status_code != 200:
                 error = f"HTTP {resp.status_code}: {(await resp.aread()).decode()[:200]}"
             else:
                 async for line in resp.aiter_lines():
-                    if not line.startswith("data: "):
+                    now = time.perf_counter()
+                    if not line.startswith("data:"):
                         continue
-                    data = line[6:]
+                    data = line[5:].strip()
                     if data == "[DONE]":
                         break
                     ev = json.loads(data)
                     if "error" in ev:
                         error = str(ev["error"])
                         break
-                    for c in ev.get("choices") or []:
-                        if first is None:   # the first token's event (its text may still be empty)
-                            first = time.perf_counter()
-                        text.append(c.get("text") or "")
-                    if ev.get("usage"):
-                        tokens = ev["usage"]["completion_tokens"]
+                    choices = ev.get("choices") or []
+                    if choices:   # a chunk (its text may be empty: part of a character, a special token)
+                        if first is None:
+                            first = now
+                        else:
+                            itl.append(now - last)
+                        last = now
+                        chunks += 1
+                        text.append(choices[0].get("text") or "")
+                    usage = ev.get("usage")
+                    if usage:
+                        tokens = usage.get("completion_tokens", tokens)
+                        prompt_tokens = usage.get("prompt_tokens", prompt_tokens)
     except Exception as exc:  # noqa: BLE001 - a failed request is a result, not a crash
         error = f"{type(exc).__name__}: {exc}"
     end = time.perf_counter()
-    tokens = tokens if tokens is not None else len(text)   # without usage: one event per token
+    if error is None and first is None:
+        error = "the stream ended without a chunk"
+    tokens = tokens if tokens is not None else chunks   # without usage: one chunk per token
     ttft = (first or end) - t0
-    return {"prompt": prompt, "text": "".join(text), "tokens": tokens, "error": error, "start": t0,
-            "max_tokens": max_tokens,
-            "ttft": ttft, "e2e": end - t0,
-            "tpot": (end - (first or end)) / (tokens - 1) if tokens and tokens > 1 else None}
+    e2e = (last or end) - t0
+    return {"prompt": prompt, "text": "".join(text), "tokens": tokens, "prompt_tokens": prompt_tokens,
+            "error": error, "start": t0, "max_tokens": max_tokens, "length_control": control.how,
+            "ttft": ttft, "e2e": e2e, "itl": itl, "chunks": chunks,
+            "tpot": (e2e - ttft) / (tokens - 1) if tokens and tokens > 1 else None}
 
 
 def lengths(max_tokens, requests: int, seed: int = 0) -> list[int]:
@@ -111,18 +321,23 @@ def longest(max_tokens) -> int:
 
 async def run_load(url: str, *, prompts: list[str], max_tokens, requests: int,
                    concurrency: int | None = None, rate: float | None = None,
-                   duration: float = 120.0, model: str | None = None, seed: int = 0) -> list[dict]:
+                   duration: float = 120.0, model: str | None = None, seed: int = 0,
+                   extensions="auto") -> list[dict]:
     """Send ``requests`` requests (at most ``duration`` s of arrivals): ``concurrency`` closed-loop
     clients, or Poisson arrivals at ``rate``/s.  Request i asks ``prompts[i % len(prompts)]`` for
-    ``lengths(max_tokens, ...)[i]`` tokens."""
+    ``lengths(max_tokens, ...)[i]`` tokens, with the extensions :func:`resolve_extensions` allows
+    for ``extensions``; returns one record per request (:func:`one`)."""
     import httpx
 
     url = check_url(url)
     n_tokens = lengths(max_tokens, requests, seed)
     limits = httpx.Limits(max_connections=max(concurrency or 0, 64) + 8)
     async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
-        if model is None:
-            model = (await client.get(url + "/v1/models")).json()["data"][0]["id"]
+        owned_by = None
+        if model is None or extensions == "auto":
+            card = (await client.get(url + "/v1/models")).json()["data"][0]
+            model, owned_by = model or card["id"], card.get("owned_by")
+        control = await resolve_extensions(client, url, extensions, model, owned_by)
         deadline = time.perf_counter() + duration
         out: list[dict] = []
         if rate:
@@ -131,7 +346,8 @@ async def run_load(url: str, *, prompts: list[str], max_tokens, requests: int,
             for i in range(requests):
                 if time.perf_counter() > deadline:
                     break
-                tasks.append(asyncio.create_task(one(client, url, model, prompts[i % len(prompts)], n_tokens[i])))
+                tasks.append(asyncio.create_task(
+                    one(client, url, model, prompts[i % len(prompts)], n_tokens[i], control)))
                 await asyncio.sleep(rng.expovariate(rate))
             out = list(await asyncio.gather(*tasks))
         else:
@@ -141,37 +357,142 @@ async def run_load(url: str, *, prompts: list[str], max_tokens, requests: int,
                 for i in counter:
                     if time.perf_counter() > deadline:
                         return
-                    out.append(await one(client, url, model, prompts[i % len(prompts)], n_tokens[i]))
+                    out.append(await one(client, url, model, prompts[i % len(prompts)], n_tokens[i], control))
 
             await asyncio.gather(*(worker() for _ in range(concurrency or 1)))
         return out
 
 
+# ---------------------------------------------------------------------------- the metrics
+
+def parse_goodput(items: Sequence[str]) -> dict[str, float]:
+    """``["ttft:500", "tpot:50"]`` -> ``{"ttft": 500.0, "tpot": 50.0}`` (SLOs in ms; keys ttft,
+    tpot, e2el, as vLLM's ``--goodput``).
+
+    Example:
+        >>> parse_goodput(["ttft:500", "e2el:2000"])
+        {'ttft': 500.0, 'e2el': 2000.0}
+    """
+    out: dict[str, float] = {}
+    for item in items:
+        key, sep, value = str(item).partition(":")
+        try:
+            ms = float(value)
+        except ValueError:
+            ms = None
+        if not sep or key not in SLO_METRICS or ms is None or not ms > 0:
+            raise UserError(f"--goodput {item!r}: expected KEY:MS with KEY one of {', '.join(SLO_METRICS)} and "
+                            "MS a positive number, e.g. --goodput ttft:500 tpot:50")
+        if key in out:
+            raise UserError(f"--goodput names {key} twice; give each SLO once")
+        out[key] = ms
+    return out
+
+
+def goodput(samples: Sequence[dict], slos_ms: dict[str, float], duration_s: float) -> dict:
+    """Requests that met every given SLO, and their rate (vLLM's goodput).
+
+    A completed request (``error`` None) is good when each metric named in ``slos_ms`` is at most
+    its SLO; a one-token request has no TPOT and counts as 0 against a ``tpot`` SLO, as in vLLM.
+    Failed requests are never good.
+
+    Args:
+        samples: per-request records with ``ttft``, ``tpot`` and ``e2e`` in seconds and ``error``.
+        slos_ms: ``{"ttft": ms, "tpot": ms, "e2el": ms}``, any subset (:func:`parse_goodput`).
+        duration_s: the run's duration, the rate's denominator.
+
+    Example:
+        >>> reqs = [{"ttft": 0.1, "tpot": 0.02, "e2e": 0.5, "error": None},
+        ...         {"ttft": 0.9, "tpot": 0.02, "e2e": 1.3, "error": None}]
+        >>> goodput(reqs, {"ttft": 500}, 2.0)["good_requests"]
+        1
+    """
+    unknown = set(slos_ms) - set(SLO_METRICS)
+    if unknown:
+        raise UserError(f"unknown SLO {', '.join(sorted(unknown))}; use {', '.join(SLO_METRICS)}")
+    done = [s for s in samples if s.get("error") is None]
+
+    def good(s):
+        return all(((s[SLO_METRICS[k]] or 0.0) * 1e3) <= ms for k, ms in slos_ms.items())
+    n = sum(1 for s in done if good(s))
+    return {"slos_ms": dict(slos_ms), "good_requests": n, "completed": len(done),
+            "goodput_requests_per_s": n / duration_s if duration_s else None}
+
+
+def _ms(v):
+    return None if v is None else round(v * 1e3, 3)
+
+
+def sample(r: dict, expected: dict | None = None, reference_tokens: int | None = None) -> dict:
+    """One request's record as the JSON keeps it: latencies in ms, token counts, its error."""
+    out = {"prompt": r.get("prompt"), "max_tokens": r.get("max_tokens"), "prompt_tokens": r.get("prompt_tokens"),
+           "output_tokens": r.get("tokens"), "ttft_ms": _ms(r.get("ttft")), "tpot_ms": _ms(r.get("tpot")),
+           "e2e_ms": _ms(r.get("e2e")), "itl_ms": [_ms(x) for x in r.get("itl") or []], "error": r.get("error")}
+    if expected is not None and r.get("error") is None:
+        out["matches"] = matches(expected.get(r["prompt"]), r, reference_tokens)
+    return out
+
+
 def summarize(results: list[dict], expected: dict | None = None, label: dict | None = None,
-              reference_tokens: int | None = None) -> dict:
-    """requests/s, output tokens/s, TTFT / TPOT / end-to-end p50/p90/p99 (ms), errors, mismatches
-    (against ``expected``, answers of ``reference_tokens`` tokens: see :func:`matches`)."""
+              reference_tokens: int | None = None, *, goodput_slos: dict[str, float] | None = None,
+              samples: bool = True) -> dict:
+    """One run's metrics by :data:`METRIC_DEFINITIONS`.
+
+    Keys: ``requests``, ``errors``, ``completed``, ``wall_s`` (the duration), ``requests_per_s``,
+    ``output_tokens_per_s``, ``total_tokens_per_s`` (None without the server's usage counts),
+    ``prompt_tokens`` / ``output_tokens`` (sums), for each of ttft, tpot, itl, e2e:
+    ``{key}_p50_ms`` / ``_p90_ms`` / ``_p99_ms`` / ``_mean_ms`` / ``_std_ms`` / ``_min_ms`` /
+    ``_median_ms`` / ``_max_ms`` / ``_n``; ``length_control`` and ``lengths_held`` (every completed
+    request made exactly its ``max_tokens``); ``goodput`` with ``goodput_slos``; ``mismatches``
+    against ``expected`` (answers of ``reference_tokens`` tokens: :func:`matches`);
+    ``first_error``; and ``samples``, one per request (:func:`sample`).
+
+    Args:
+        results: the records of :func:`run_load`.
+        expected: prompt -> its answer alone (:func:`reference`), or None for no check.
+        label: keys put first in the row (``arrivals``, ``concurrency`` or ``rate``).
+        reference_tokens: the reference answers' length, when requests asked for fewer.
+        goodput_slos: SLOs in ms for :func:`goodput`, or None.
+        samples: keep the per-request samples in the row.
+    """
     ok = [r for r in results if r["error"] is None]
     if results:
         t0 = min(r["start"] for r in results)
         wall = max(r["start"] + r["e2e"] for r in results) - t0
     else:
         wall = 0.0
+    out_tokens = sum(r["tokens"] for r in ok)
+    prompt_counts = [r.get("prompt_tokens") for r in ok]
+    prompt_tokens = sum(prompt_counts) if ok and None not in prompt_counts else None
     row = dict(label or {})
-    row.update(requests=len(results), errors=len(results) - len(ok), wall_s=round(wall, 3),
+    row.update(requests=len(results), errors=len(results) - len(ok), completed=len(ok), wall_s=round(wall, 3),
                requests_per_s=len(ok) / wall if wall else None,
-               output_tokens_per_s=sum(r["tokens"] for r in ok) / wall if wall else None)
-    for key in ("ttft", "tpot", "e2e"):
-        vals = [r[key] * 1e3 for r in ok if r[key] is not None]
-        for q in (50, 90, 99):
-            row[f"{key}_p{q}_ms"] = pct(vals, q)
+               output_tokens_per_s=out_tokens / wall if wall else None,
+               total_tokens_per_s=(prompt_tokens + out_tokens) / wall if wall and prompt_tokens is not None else None,
+               prompt_tokens=prompt_tokens, output_tokens=out_tokens)
+    for key in LATENCIES:
+        if key == "itl":
+            vals = [x * 1e3 for r in ok for x in r.get("itl") or []]
+        else:
+            vals = [r[key] * 1e3 for r in ok if r.get(key) is not None]
+        for q in PERCENTILES:
+            row[f"{key}_p{q}_ms"] = percentile(vals, q)
+        row[f"{key}_mean_ms"] = sum(vals) / len(vals) if vals else None
+        row[f"{key}_std_ms"] = _std(vals)
         row[f"{key}_min_ms"] = min(vals) if vals else None
-        row[f"{key}_median_ms"] = statistics.median(vals) if vals else None
+        row[f"{key}_median_ms"] = percentile(vals, 50)
         row[f"{key}_max_ms"] = max(vals) if vals else None
         row[f"{key}_n"] = len(vals)
+    controls = sorted({r.get("length_control") or NOT_HELD for r in results})
+    row["length_control"] = controls[0] if len(controls) == 1 else (controls or None)
+    row["lengths_held"] = bool(ok) and all(r["tokens"] == r.get("max_tokens") for r in ok)
+    if goodput_slos:
+        row["goodput"] = goodput(results, goodput_slos, wall)
     if expected is not None:
         row["mismatches"] = sum(1 for r in ok if not matches(expected.get(r["prompt"]), r, reference_tokens))
     row["first_error"] = next((r["error"] for r in results if r["error"]), None)
+    if samples:
+        row["samples"] = [sample(r, expected, reference_tokens) for r in results]
     return row
 
 
@@ -187,46 +508,77 @@ def matches(expected: str | None, r: dict, reference_tokens: int | None = None) 
     return shorter and expected.startswith(r["text"].rstrip("\ufffd"))
 
 
-async def reference(url: str, prompts: list[str], max_tokens) -> dict:
+async def reference(url: str, prompts: list[str], max_tokens, extensions="auto") -> dict:
     """Every distinct prompt asked alone, one at a time, for the longest length: the answers load
-    must not change."""
+    must not change.  ``extensions`` must be the runs' (the same fields, so the same lengths)."""
     res = await run_load(url, prompts=list(dict.fromkeys(prompts)), max_tokens=longest(max_tokens),
-                         requests=len(set(prompts)), concurrency=1)
+                         requests=len(set(prompts)), concurrency=1, extensions=extensions)
     bad = [r["error"] for r in res if r["error"]]
     if bad:
-        raise SystemExit(f"error: the reference pass failed: {bad[0]}")
+        raise UserError(f"the reference pass failed: {bad[0]}")
     return {r["prompt"]: r["text"] for r in res}
 
 
+async def length_control(url: str, extensions="auto") -> LengthControl:
+    """:func:`resolve_extensions` for ``url`` in a client of its own (once for a whole sweep)."""
+    import httpx
+
+    url = check_url(url)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0)) as client:
+        return await resolve_extensions(client, url, extensions)
+
+
 def sweep(url: str, *, concurrencies=(1,), rates=(), prompts=None, max_tokens=32,
-          requests: int = 32, duration: float = 120.0, check: bool = True) -> dict:
-    """A reference pass, then one run per concurrency (and per Poisson rate); a JSON-ready dict."""
+          requests: int = 32, duration: float = 120.0, check: bool = True, extensions="auto",
+          goodput_slos: dict[str, float] | None = None) -> dict:
+    """A reference pass, then one run per concurrency (and per Poisson rate); a JSON-ready dict
+    with the ``metric_definitions`` it used and how output lengths were held (``length_control``)."""
     prompts = prompts or DEFAULT_PROMPTS
-    expected = asyncio.run(reference(url, prompts, max_tokens)) if check else None
+    url = check_url(url)
+    control = asyncio.run(length_control(url, extensions))
+    expected = asyncio.run(reference(url, prompts, max_tokens, control)) if check else None
+    kw = dict(prompts=prompts, max_tokens=max_tokens, requests=requests, duration=duration, extensions=control)
     runs = []
     for c in concurrencies:
-        res = asyncio.run(run_load(url, prompts=prompts, max_tokens=max_tokens, requests=requests,
-                                   concurrency=c, duration=duration))
-        runs.append(summarize(res, expected, {"arrivals": "fixed", "concurrency": c}, longest(max_tokens)))
+        res = asyncio.run(run_load(url, concurrency=c, **kw))
+        runs.append(summarize(res, expected, {"arrivals": "fixed", "concurrency": c}, longest(max_tokens),
+                              goodput_slos=goodput_slos))
     for r in rates:
-        res = asyncio.run(run_load(url, prompts=prompts, max_tokens=max_tokens, requests=requests,
-                                   rate=r, duration=duration))
-        runs.append(summarize(res, expected, {"arrivals": "poisson", "rate": r}, longest(max_tokens)))
-    return {"url": url, "max_tokens": max_tokens, "requests_per_run": requests, "runs": runs}
+        res = asyncio.run(run_load(url, rate=r, **kw))
+        runs.append(summarize(res, expected, {"arrivals": "poisson", "rate": r}, longest(max_tokens),
+                              goodput_slos=goodput_slos))
+    return {"url": url, "max_tokens": max_tokens, "requests_per_run": requests,
+            "metric_definitions": METRIC_DEFINITIONS, "length_control": control.record(),
+            "goodput_slos_ms": goodput_slos or None, "runs": runs}
 
+
+# ---------------------------------------------------------------------------- tables
 
 def table(result: dict) -> str:
+    """The runs of :func:`sweep`, one line each (ms)."""
+    good = any("goodput" in r for r in result["runs"])
     head = f"{'arrivals':>12} {'req/s':>7} {'tok/s':>8} {'TTFT p50':>9} {'p99':>8} {'TPOT p50':>9} " \
-           f"{'e2e p50':>8} {'p99':>8} {'err':>4} {'mism':>4}"
+           f"{'ITL p50':>8} {'e2e p50':>8} {'p99':>8} {'err':>4} {'mism':>4}" + (f" {'good/s':>7}" if good else "")
     lines = [head]
     f = lambda v: f"{v:.1f}" if isinstance(v, (int, float)) else "-"  # noqa: E731
     for r in result["runs"]:
         tag = f"C={r['concurrency']}" if r["arrivals"] == "fixed" else f"{r['rate']}/s"
-        lines.append(f"{tag:>12} {f(r['requests_per_s']):>7} {f(r['output_tokens_per_s']):>8} "
-                     f"{f(r['ttft_p50_ms']):>9} {f(r['ttft_p99_ms']):>8} {f(r['tpot_p50_ms']):>9} "
-                     f"{f(r['e2e_p50_ms']):>8} {f(r['e2e_p99_ms']):>8} {r['errors']:>4} "
-                     f"{r.get('mismatches', '-'):>4}")
-    return "\n".join(lines) + "\n(times in ms)"
+        line = (f"{tag:>12} {f(r['requests_per_s']):>7} {f(r['output_tokens_per_s']):>8} "
+                f"{f(r['ttft_p50_ms']):>9} {f(r['ttft_p99_ms']):>8} {f(r['tpot_p50_ms']):>9} "
+                f"{f(r['itl_p50_ms']):>8} {f(r['e2e_p50_ms']):>8} {f(r['e2e_p99_ms']):>8} {r['errors']:>4} "
+                f"{r.get('mismatches', '-'):>4}")
+        if good:
+            line += f" {f(r['goodput']['goodput_requests_per_s']):>7}"
+        lines.append(line)
+    lc = result.get("length_control") or {}
+    held = all(r.get("lengths_held") for r in result["runs"])
+    notes = [f"(times in ms; vLLM bench serve's definitions, numpy percentiles; output lengths: "
+             f"{lc.get('how', '?')}{'' if held else ', not all requests made max_tokens'})"]
+    if lc.get("refused"):
+        notes.append("refused extensions: " + "; ".join(f"{k} ({v})" for k, v in lc["refused"].items()))
+    if result.get("goodput_slos_ms"):
+        notes.append("goodput SLOs (ms): " + ", ".join(f"{k} <= {v:g}" for k, v in result["goodput_slos_ms"].items()))
+    return "\n".join(lines + notes)
 
 
 MIN_FOR_PERCENTILES = 10   # fewer values than this: min / median / max, never a p90 or p99
@@ -246,8 +598,8 @@ def spread(row: dict, key: str) -> str:
 
 def spread_table(runs: list[dict]) -> str:
     """Runs side by side with :func:`spread` latencies: percentiles only where a run has enough
-    requests for them."""
-    cols = [("TTFT", "ttft"), ("TPOT", "tpot"), ("end to end", "e2e")]
+    values for them (requests; for ITL, the gaps pooled over its requests)."""
+    cols = [("TTFT", "ttft"), ("TPOT", "tpot"), ("ITL", "itl"), ("end to end", "e2e")]
     head = f"{'clients':>8} {'requests':>8} {'tokens/s':>9} " + " ".join(f"{c:>22}" for c, _ in cols)
     lines = [head]
     for r in runs:
@@ -256,8 +608,10 @@ def spread_table(runs: list[dict]) -> str:
         lines.append(f"{tag!s:>8} {r['requests']:>8} {(f'{tps:.1f}' if tps else '-'):>9} "
                      + " ".join(f"{spread(r, k):>22}" for _, k in cols))
     return "\n".join(lines) + (f"\n(ms; 'p50 / p90' from {MIN_FOR_PERCENTILES} requests on, "
-                               "else 'median (min-max)')")
+                               "else 'median (min-max)'; ITL counts gaps between chunks, not requests)")
 
+
+# ---------------------------------------------------------------------------- the command line
 
 def _list(cast):
     def parse(text):
@@ -283,33 +637,71 @@ def _length(text: str):
     return lo if lo == hi else (lo, hi)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return v
+
+
+def parser() -> Parser:
+    """The command line's flags; a bad one is a single ``error:`` line (:class:`~bloomkit.cli.Parser`)."""
+    p = Parser(prog="python -m bloomkit.serve.loadtest", description=__doc__.splitlines()[0],
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--url", default="http://127.0.0.1:8000", help="the server (loopback only)")
     p.add_argument("--concurrency", type=_list(int), default=[1, 4, 16], help="closed-loop clients, e.g. 1,16")
     p.add_argument("--rate", type=_list(float), default=[], help="Poisson arrivals per second, e.g. 2,8")
-    p.add_argument("--requests", type=int, default=32, help="requests per run")
-    p.add_argument("--duration", type=float, default=120.0, help="seconds of arrivals per run at most")
+    p.add_argument("--requests", type=positive_int, default=32, help="requests per run")
+    p.add_argument("--duration", type=_positive_float, default=120.0, help="seconds of arrivals per run at most")
     p.add_argument("--max_tokens", type=_length, default=32,
                    help="tokens per request: N, or LO-HI for a length drawn per request (mixed traffic)")
-    p.add_argument("--prompts_file", default=None, help="one prompt per line (default: the blog's 8)")
+    p.add_argument("--prompts_file", default=None, help="one prompt per line; None: the blog's 8")
+    p.add_argument("--extensions", type=parse_extensions, default="auto",
+                   help="fields beyond the OpenAI API that hold output lengths equal: auto (those the server's "
+                        "/v1/models owned_by is known to honour: ignore_eos for bloomkit and vllm, none for "
+                        "others), none, or a list of ignore_eos,min_tokens (each tried once; refused ones dropped)")
+    p.add_argument("--goodput", nargs="+", default=None, metavar="KEY:MS",
+                   help="SLOs for goodput, e.g. ttft:500 tpot:50 (keys ttft, tpot, e2el; a request is good when "
+                        "it meets all of them)")
     p.add_argument("--no_check", action="store_true", help="skip the greedy reference check")
-    p.add_argument("--json_out", default=None)
-    a = p.parse_args(argv)
-    if a.requests <= 0 or a.duration <= 0:
-        p.error("--requests and --duration must be positive")
+    p.add_argument("--json_out", default=None,
+                   help="write the result (metric definitions, runs, per-request samples) to this JSON file")
+    return p
+
+
+@cli_entry
+def main(argv=None) -> int:
+    a = parser().parse_args(argv)
+    url = check_url(a.url)
+    slos = parse_goodput(a.goodput) if a.goodput else None
     prompts = None
     if a.prompts_file:
         from pathlib import Path
 
-        prompts = [ln for ln in Path(a.prompts_file).read_text().splitlines() if ln.strip()]
-    res = sweep(check_url(a.url), concurrencies=a.concurrency, rates=a.rate, prompts=prompts,
-                max_tokens=a.max_tokens, requests=a.requests, duration=a.duration, check=not a.no_check)
+        path = Path(a.prompts_file)
+        if not path.is_file():
+            raise UserError(f"--prompts_file {a.prompts_file}: no such file; give a text file, one prompt per line")
+        prompts = [ln for ln in path.read_text().splitlines() if ln.strip()]
+        if not prompts:
+            raise UserError(f"--prompts_file {a.prompts_file} has no prompt; put one prompt per line")
+    import httpx
+
+    try:
+        res = sweep(url, concurrencies=a.concurrency, rates=a.rate, prompts=prompts, max_tokens=a.max_tokens,
+                    requests=a.requests, duration=a.duration, check=not a.no_check, extensions=a.extensions,
+                    goodput_slos=slos)
+    except httpx.ConnectError as exc:
+        raise UserError(f"no server answers at {url} ({exc}); start one (python recipes/serve.py) or fix --url")
+    except httpx.HTTPError as exc:
+        raise UserError(f"the server at {url} failed: {type(exc).__name__}: {exc}")
     print(table(res))
     if a.json_out:
-        from pathlib import Path
+        from .. import results
 
-        Path(a.json_out).write_text(json.dumps(res, indent=1))
+        results.write_json(a.json_out, res)
     bad = sum(r["errors"] + r.get("mismatches", 0) for r in res["runs"])
     return 1 if bad else 0
 

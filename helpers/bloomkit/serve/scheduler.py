@@ -52,6 +52,7 @@ import queue
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 
@@ -235,6 +236,7 @@ class Request:
         self.created = time.perf_counter()
         self.deadline = self.created + timeout_s
         self.cancelled = False
+        self.scheduled_at: float | None = None     # first admitted to a prefill (queue time)
         self.first_token_at: float | None = None
 
     def emit(self, event: tuple) -> None:
@@ -293,69 +295,126 @@ class QueueFull(Exception):
     pass
 
 
-@dataclass(frozen=True)
-class MetricsSnapshot:
-    """One consistent copy of :class:`Metrics`, taken under its lock (what ``/metrics`` prints)."""
+# Latency buckets (seconds) shared by every histogram below, named once so that servers and ranks
+# aggregate: 0.5 ms to 640 s, dense where a small model on a CPU (a few ms
+# per token, tens of ms to a first token) and a big one on a GPU (tens of ms per token, up to
+# seconds to a first token or in a queue) both land.
+LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2,
+                     0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0)
 
-    window_s: float
-    tokens_per_s: float
-    tokens_total: int
-    steps: int
-    requests: dict
-    ttft: tuple          # seconds, recent requests, in arrival order
-    ttft_sum: float
-    ttft_count: int
+# How a request ends: ``ok`` (every row finished), ``rejected`` (429, the queue was full),
+# ``cancelled`` (the client went away), ``timeout`` (504, past --request_timeout), ``error`` (the
+# model failed: 503)
+OUTCOMES = ("ok", "rejected", "cancelled", "timeout", "error")
 
 
 class Metrics:
-    """Counters for ``/metrics``: tokens/s over a sliding window, time to first token.
+    """The server's Prometheus metrics, in a registry of its own (``registry``: several servers
+    or engines in one process never share one), exposed by ``/metrics`` through prometheus_client.
 
-    The scheduler thread, the prefill thread and the HTTP loop all write here, and ``/metrics``
-    reads while they do: every access goes through ``_lock`` (iterating a deque that another
-    thread appends to raises ``RuntimeError: deque mutated during iteration``).  Readers take
-    :meth:`snapshot`."""
+    * histograms (:data:`LATENCY_BUCKETS_S`), one observation per request:
+      ``bloomkit_time_to_first_token_seconds`` (arrival to the first generated token),
+      ``bloomkit_request_time_per_output_token_seconds`` (TPOT, vLLM's definition: (end-to-end
+      - TTFT) / (output tokens - 1), for requests of at least 2 tokens; a request of several
+      prompts counts its longest row), ``bloomkit_e2e_request_latency_seconds`` (arrival to the
+      last token, requests that ended ``ok``) and ``bloomkit_request_queue_time_seconds``
+      (arrival to the step that first admits one of its rows to a prefill);
+    * counters: ``bloomkit_requests_total{outcome}`` (:data:`OUTCOMES`),
+      ``bloomkit_prompt_tokens_total`` (prompt tokens prefilled), ``bloomkit_generation_tokens_total``
+      (tokens returned to clients: an EOS that ends a row is not counted, as in ``usage``),
+      ``bloomkit_steps_total`` (sampling steps: prefills and decode steps);
+    * gauges, read when scraped from the callables the engine passes: ``bloomkit_running_rows``,
+      ``bloomkit_waiting_rows``, ``bloomkit_kv_cache_tokens`` (see :meth:`Engine.kv_cache_tokens`)
+      and ``bloomkit_compiled_graphs``.
 
-    def __init__(self, window_s: float = 10.0):
-        self.window_s = window_s
-        self.tokens_total = 0
-        self.requests = {"ok": 0, "cancelled": 0, "timeout": 0, "rejected": 0}
-        self._recent: deque = deque()            # (time, tokens) of recent steps
-        self.ttft: deque = deque(maxlen=1000)    # seconds, recent requests
-        self.ttft_sum = 0.0
-        self.ttft_count = 0
-        self.steps = 0
-        self._lock = threading.Lock()
+    Rows, not requests, in the gauges: a request with a list of N prompts is N rows.  Cost on the
+    scheduler thread: per step two counter increments (a lock each, about 2 us together), per
+    request a few observations, nothing per token; end-to-end latency and TPOT are observed on
+    the HTTP side (:meth:`finished`).  prometheus_client's values carry their own locks, so the
+    scheduler thread, the prefill thread and the HTTP loop write while ``/metrics`` reads.
+
+    Args:
+        running: rows in the running batch (or prefilling), read at each scrape.
+        waiting: rows queued for a place in the batch.
+        kv_cache_tokens: KV-cache positions the running batch holds.
+
+    Example:
+        >>> from prometheus_client import generate_latest
+        >>> m = Metrics()
+        >>> m.step(3); m.count("ok")
+        >>> b"bloomkit_generation_tokens_total 3.0" in generate_latest(m.registry)
+        True
+    """
+
+    def __init__(self, running: Callable[[], float] | None = None, waiting: Callable[[], float] | None = None,
+                 kv_cache_tokens: Callable[[], float] | None = None):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+
+        from ..measure.harness import compiled_graphs
+
+        disable_created_metrics()   # no *_created series beside every counter and histogram
+        self.registry = r = CollectorRegistry()
+
+        def histogram(name: str, help_: str):
+            return Histogram(name, help_, buckets=LATENCY_BUCKETS_S, registry=r)
+
+        def gauge(name: str, help_: str, read) -> None:
+            Gauge(name, help_, registry=r).set_function(read or (lambda: 0))
+
+        self.ttft = histogram("bloomkit_time_to_first_token_seconds",
+                              "Arrival to the first generated token, per request")
+        self.tpot = histogram("bloomkit_request_time_per_output_token_seconds",
+                              "(end-to-end - TTFT) / (output tokens - 1), per request of 2 tokens or more")
+        self.e2e = histogram("bloomkit_e2e_request_latency_seconds",
+                             "Arrival to the last generated token, per request that ended ok")
+        self.queue_time = histogram("bloomkit_request_queue_time_seconds",
+                                    "Arrival to the first prefill of the request's rows")
+        requests = Counter("bloomkit_requests", "Requests by outcome (" + ", ".join(OUTCOMES) + ")",
+                           ["outcome"], registry=r)
+        self._outcome = {o: requests.labels(o) for o in OUTCOMES}   # every outcome shown, from 0
+        self.prompt_tokens = Counter("bloomkit_prompt_tokens", "Prompt tokens prefilled", registry=r)
+        self.generation_tokens = Counter("bloomkit_generation_tokens",
+                                         "Generated tokens returned to clients (as usage counts them)",
+                                         registry=r)
+        self.steps = Counter("bloomkit_steps", "Sampling steps (prefills and decode steps)", registry=r)
+        gauge("bloomkit_running_rows", "Rows (prompts) in the running batch or prefilling", running)
+        gauge("bloomkit_waiting_rows", "Rows (prompts) waiting for a place in the running batch", waiting)
+        gauge("bloomkit_kv_cache_tokens", "KV-cache positions the running batch holds (rows x width, "
+              "left padding included), per layer", kv_cache_tokens)
+        gauge("bloomkit_compiled_graphs", "Graphs torch.compile built in this process (--compile: all "
+              "before the first request; a rise under load is a recompile)", compiled_graphs)
 
     def step(self, tokens: int) -> None:
-        now = time.perf_counter()
-        with self._lock:
-            self.tokens_total += tokens
-            self.steps += 1
-            self._recent.append((now, tokens))
-            while self._recent and self._recent[0][0] < now - self.window_s:
-                self._recent.popleft()
+        """One sampling step that returned ``tokens`` tokens (scheduler or prefill thread)."""
+        self.generation_tokens.inc(tokens)
+        self.steps.inc()
 
     def count(self, outcome: str) -> None:
-        """One more request that ended with ``outcome`` (ok, cancelled, timeout, rejected)."""
-        with self._lock:
-            self.requests[outcome] += 1
+        """One more request that ended with ``outcome`` (one of :data:`OUTCOMES`)."""
+        self._outcome[outcome].inc()
+
+    def admitted(self, rows: list[Row]) -> None:
+        """Rows admitted to a prefill: their prompt tokens, and the queue time of each request
+        not admitted before (a request's first row admitted ends its wait)."""
+        now = time.perf_counter()
+        self.prompt_tokens.inc(sum(len(r.prompt_ids) for r in rows))
+        for r in rows:
+            if r.req.scheduled_at is None:
+                r.req.scheduled_at = now
+                self.queue_time.observe(now - r.req.created)
 
     def first_token(self, seconds: float) -> None:
-        with self._lock:
-            self.ttft.append(seconds)
-            self.ttft_sum += seconds
-            self.ttft_count += 1
+        """A request's time to first token."""
+        self.ttft.observe(seconds)
 
-    def tokens_per_s(self) -> float:
-        return self.snapshot().tokens_per_s
-
-    def snapshot(self) -> MetricsSnapshot:
-        now = time.perf_counter()
-        with self._lock:
-            n = sum(t for at, t in self._recent if at >= now - self.window_s)
-            return MetricsSnapshot(self.window_s, n / self.window_s, self.tokens_total, self.steps,
-                                   dict(self.requests), tuple(self.ttft), self.ttft_sum,
-                                   self.ttft_count)
+    def finished(self, req: "Request", output_tokens: int, at: float | None = None) -> None:
+        """A request that ended ``ok`` at ``at`` (perf_counter; default now) with ``output_tokens``
+        tokens in its longest row: counted, its end-to-end latency and TPOT observed."""
+        at = time.perf_counter() if at is None else at
+        self.count("ok")
+        self.e2e.observe(at - req.created)
+        if output_tokens > 1 and req.first_token_at is not None:
+            self.tpot.observe((at - req.first_token_at) / (output_tokens - 1))
 
 
 class Engine:
@@ -393,7 +452,8 @@ class Engine:
         self.inbox: queue.Queue = queue.Queue()
         self.waiting: deque = deque()
         self.rows: list[Row] = []
-        self.metrics = Metrics()
+        self.metrics = Metrics(running=lambda: len(self.rows) + len(self._inflight),
+                               waiting=lambda: self._queued, kv_cache_tokens=self.kv_cache_tokens)
         self._lock = threading.Lock()
         self._queued = 0
         self.stopping = threading.Event()
@@ -440,6 +500,14 @@ class Engine:
     @property
     def queued(self) -> int:
         return self._queued
+
+    def kv_cache_tokens(self) -> int:
+        """KV-cache positions the running batch holds: rows x width of the left-padded batched
+        cache (pads included: they take memory too), the same in every layer; times the bytes per
+        token (``kv_bytes_per_token``) it is the cache's memory.  A group still prefilling beside the
+        step (``overlap_prefill``) is not counted until it joins.  Any thread may call it."""
+        mask = self.batch.mask   # one read: the model thread replaces the mask, never changes it
+        return 0 if mask is None else mask.shape[0] * mask.shape[1]
 
     # ------------------------------------------------------------------ the model thread
 
@@ -510,6 +578,8 @@ class Engine:
         """Decide this step: which rows stay, which tokens feed them, which prompts join."""
         keep, feed, stay = self._running()
         admit = self._admission(stay)
+        if admit:
+            self.metrics.admitted(admit)
         # Prefill first (max_decode_skips > 0): a step that admits skips the running rows' decode,
         # so a request arriving meanwhile waits for a prefill, not prefill + decode; at most
         # `max_decode_skips` steps in a row, so running rows still move every other step.  Measured
@@ -552,6 +622,7 @@ class Engine:
     def finish_step(self, rows: list[Row], logits) -> None:
         """Sample each row's next token, detokenize, check stop conditions, emit events."""
         now = time.perf_counter()
+        returned = len(rows)   # tokens handed to clients this step (an EOS that ends a row is not)
         for r, lg in zip(rows, logits):
             t = sample(lg, r)
             r.next = t
@@ -563,6 +634,7 @@ class Engine:
             if t == self.eos and not p.ignore_eos:
                 r.finish = "stop"
                 r.tokens.pop()
+                returned -= 1
             r.text = self.tok.decode(r.tokens, skip_special_tokens=True)
             for s in p.stop:
                 at = r.text.find(s)
@@ -576,7 +648,7 @@ class Engine:
             text = self._visible(r)
             r.req.emit(("delta", r.index, text[r.sent:], r.finish, len(r.prompt_ids), len(r.tokens)))
             r.sent = max(r.sent, len(text))
-        self.metrics.step(len(rows))
+        self.metrics.step(returned)
 
     def step(self) -> bool:
         """One iteration: plan, apply (collectively), sample. False when there was nothing to do."""
@@ -648,6 +720,8 @@ class Engine:
                 with self._rows_lock:
                     admit = self._admission(self.rows + self._inflight)
                     self._inflight += admit
+                if admit:
+                    self.metrics.admitted(admit)
                 if not admit:
                     if self.waiting:   # no room: until rows leave (or a waiting request expires)
                         self._room.wait(0.05)
@@ -682,8 +756,13 @@ class Engine:
                 return
             self.failed = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
             self.stopping.set()
+            failed = {}
             for r in self.rows + self._inflight + list(self.waiting):
                 r.req.emit(("error", 503, f"the model failed: {self.failed}"))
+                if r.finish is None:
+                    failed[r.req.id] = r.req
+            for _ in failed:
+                self.metrics.count("error")
         finally:
             if prefill is not None:
                 self.stopping.set()
