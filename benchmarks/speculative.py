@@ -3,6 +3,7 @@
 prompt lookup against plain greedy ``generate``, interleaved; prints and saves JSON.
 
     python benchmarks/speculative.py [--out benchmarks/results/speculative-cpu.json] [--cycles 5]
+                                     [--plot speculative.png] [--from benchmarks/results/speculative-cpu.json]
 
 One cycle = every prompt of ``trained`` once with each method (plain, draft, prompt lookup of 3, 5, 10) and
 the same prompts as one batch of 2, 4 and 8 rows with plain ``generate``, the methods taking turns
@@ -11,18 +12,20 @@ greedy ``generate``'s (every prompt), tokens per forward of the model (speculati
 point: N tokens from fewer than N forwards), ms per token and the comparison with plain
 (``bloomkit.measure.compare``: a verdict needs >= 5 cycles whose ratios all lie on one side of 1).
 "Where it stops paying": plain batches make each token cheaper too; the smallest batch whose
-per-token time beats the better speculative method at batch 1 is reported.
+per-token time beats the better speculative method at batch 1 is reported.  --plot draws the JSON as
+a PNG; with --from it redraws a recorded file without running anything.
 """
 import argparse
 import json
 import statistics
 import time
+from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM
 
 from bloomkit import models, results, sysinfo
-from bloomkit.errors import cli_entry
+from bloomkit.errors import UserError, cli_entry
 from bloomkit.measure import compare
 from bloomkit.strategies.speculative import counting_forwards
 
@@ -110,18 +113,74 @@ def run(cycles: int = 5, new_tokens: int = 40, lookups=(3, 5, 10)) -> dict:
     return out
 
 
+def plot(out: dict, path) -> Path:
+    """Draw ``out`` (the JSON this script writes) as one PNG at ``path``: ms per token of every
+    method with the range of its cycles, tokens per forward of each speculative method, and what a
+    forward checking k tokens costs in single-token steps."""
+    methods = out.get("methods")
+    if not methods:
+        raise UserError("nothing to draw: the JSON has no 'methods'; pass a file that benchmarks/speculative.py wrote")
+    cost = out.get("forward_cost_in_steps") or {}
+    fig, axes = results.figure(3 if cost else 2, width=5.5)
+    names = list(methods)
+    ax = axes[0]
+    colors = ["tab:gray" if n == "plain" else "tab:blue" if n.startswith("plain batch") else "tab:orange" for n in names]
+    meds = [methods[n]["ms_per_token"] for n in names]
+    lo_hi = [methods[n].get("ms_per_token_range") or (m, m) for n, m in zip(names, meds)]
+    ax.bar(range(len(names)), meds, color=colors)
+    ax.errorbar(range(len(names)), meds, yerr=[[m - r[0] for m, r in zip(meds, lo_hi)], [r[1] - m for m, r in zip(meds, lo_hi)]],
+                fmt="none", ecolor="black", capsize=3)
+    ax.set_xticks(range(len(names)), [n.replace("prompt lookup", "lookup").replace("plain batch", "batch") for n in names],
+                  rotation=30, ha="right")
+    ax.set(ylabel=f"ms per token (median; bars: range of {out.get('cycles', '?')} cycles)",
+           title=f"{out.get('model')} {out.get('dtype')}: speculative (orange) vs plain batches (blue)")
+    if "plain" in methods:
+        ax.axhline(methods["plain"]["ms_per_token"], color="tab:gray", ls="--", lw=1)
+    ax.grid(True, axis="y", alpha=0.3)
+    spec = [n for n in names if "tokens_per_forward" in methods[n]]
+    results.plot_bars(axes[1], [n.replace("prompt lookup", "lookup") for n in spec],
+                      {"tokens per forward": [methods[n]["tokens_per_forward"] for n in spec],
+                       "speed-up over plain": [methods["plain"]["ms_per_token"] / methods[n]["ms_per_token"]
+                                               for n in spec]},
+                      "per forward / ratio", title="what a forward yields against what it gains")
+    if cost:
+        ks = sorted(cost, key=int)
+        axes[2].plot([int(k) for k in ks], [cost[k] for k in ks], "o-", label="measured")
+        axes[2].plot([int(k) for k in ks], [1.0] * len(ks), "--", color="gray", label="free (as one step)")
+        axes[2].set(xlabel="tokens checked in one forward (k)", ylabel="cost in single-token steps",
+                    title="what checking k proposals costs")
+        axes[2].legend(fontsize=8)
+        axes[2].grid(True, alpha=0.3)
+    hw = out.get("hardware") or {}
+    fig.suptitle(f"speculative decoding on {hw.get('cpu', 'this CPU')} ({hw.get('cpu_cores', '?')} cores), "
+                 f"measured {out.get('measured_on', '?')}")
+    return results.save_png(fig, path)
+
+
 @cli_entry
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[1])
-    p.add_argument("--out", default="benchmarks/results/speculative-cpu.json")
-    p.add_argument("--cycles", type=int, default=5)
-    p.add_argument("--new_tokens", type=int, default=40)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="benchmarks/results/speculative-cpu.json", metavar="JSON",
+                   help="the result file, rewritten whole (default: %(default)s)")
+    p.add_argument("--cycles", type=int, default=5,
+                   help="interleaved cycles, each every method over every prompt; 5 or more for a "
+                        "verdict, each ~10 s here (default: %(default)s)")
+    p.add_argument("--new_tokens", type=int, default=40,
+                   help="new tokens per prompt and call; longer runs give speculation more to guess "
+                        "(default: %(default)s)")
+    results.add_plot_flags(p, "benchmarks/results/speculative-cpu.json")
     args = p.parse_args(argv)
+    recorded = results.check_plot_flags(args)
+    if recorded is not None:
+        print(f"saved {plot(recorded, args.plot)}")
+        return
     torch.set_num_threads(1)
     out = run(args.cycles, args.new_tokens)
     out.update(hardware=sysinfo.hardware(), versions=sysinfo.versions(), measured_on=time.strftime("%Y-%m-%d"))
     results.write_json(args.out, out)
     print(f"saved {args.out}")
+    if args.plot:
+        print(f"saved {plot(out, args.plot)}")
 
 
 if __name__ == "__main__":

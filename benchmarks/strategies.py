@@ -3,8 +3,10 @@
 
     python benchmarks/strategies.py [--out benchmarks/results/strategies-cpu.json]
                                     [--only tp tp_compile preshard zero zero_nvme_4bit native_tp]
+                                    [--plot strategies.png] [--from benchmarks/results/strategies-cpu.json]
 
-With --only, the other parts already in --out are kept.
+With --only, the other parts already in --out are kept.  --plot draws the parts in the JSON as a
+PNG; with --from it redraws a recorded file without running anything.
 
 * tp: AutoTP ms/token at TP = 1, 2, 4 on ``small``, batch 1 and 8, ratio to TP = 1;
 * tp_compile: ``bench`` at TP = 1 and 2 (CPU ranks: one memory stream per core), eager and with
@@ -29,6 +31,7 @@ import json
 import os
 import statistics
 import tempfile
+from pathlib import Path
 
 from bloomkit import launch, microbench, models
 from bloomkit.errors import UserError, cli_entry
@@ -166,6 +169,77 @@ PARTS = {
 }
 
 
+def _by(rows: list[dict], key: str) -> dict:
+    """``rows`` grouped by ``key``, in first-seen order."""
+    out: dict = {}
+    for r in rows:
+        out.setdefault(r[key], []).append(r)
+    return out
+
+
+def _median_range(values: list[float]) -> tuple[float, tuple[float, float]]:
+    return statistics.median(values), (min(values), max(values))
+
+
+def plot(out: dict, path) -> Path:
+    """Draw the parts present in ``out`` (the JSON this script writes) as one PNG at ``path``,
+    a panel per part; where a part kept several rounds or repeats, the bar is their median and
+    its error bar their range."""
+    from bloomkit import results
+
+    panels = [name for name in PARTS if out.get(name)]
+    if not panels:
+        raise UserError(f"nothing to draw: the JSON holds none of the parts {', '.join(PARTS)}; pass a file "
+                        "that benchmarks/strategies.py wrote")
+    fig, axes = results.figure(len(panels))
+    for name, ax in zip(panels, axes):
+        part = out[name]
+        rows = part.get("rows") or []
+        if name in ("tp", "tp_compile"):
+            for (bs, compiled), rs in _by([{**r, "key": (r["batch_size"], r.get("compiled"))} for r in rows],
+                                          "key").items():
+                label = f"batch {bs}" + ({True: ", compiled", False: ", eager"}.get(compiled, ""))
+                ax.plot([r["tp_size"] for r in rs], [r["ms_per_token"] for r in rs], "o-", label=label)
+            ax.set(xlabel="TP ranks (CPU processes)", ylabel="ms per token", yscale="log",
+                   xticks=sorted({r["tp_size"] for r in rows}))
+            ax.set_title(f"{name}: AutoTP on {part['model']}, {part.get('cpu_cores', '?')} cores", fontsize=10)
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=8)
+        elif name == "preshard":
+            modes = [m for m in ("warm", "cold") if m in part]
+            med = {k: [_median_range(part[m][f"{k}_s"]) for m in modes] for k in ("full", "shards")}
+            results.plot_bars(ax, [f"{m} page cache" for m in modes],
+                              {"full checkpoint": [v[0] for v in med["full"]],
+                               "per-rank shards": [v[0] for v in med["shards"]]},
+                              "seconds to ready (median)",
+                              spread={"full checkpoint": [v[1] for v in med["full"]],
+                                      "per-rank shards": [v[1] for v in med["shards"]]},
+                              title=f"preshard: load at TP={part['tp_size']} on {part['model']}")
+        elif name == "zero":
+            variants = _by(rows, "variant")
+            sizes = sorted({r["batch_size"] for r in rows})
+            results.plot_bars(ax, [f"batch {b}" for b in sizes],
+                              {v[:40]: [next((r["ms_per_token"] for r in rs if r["batch_size"] == b), None)
+                                        for b in sizes] for v, rs in variants.items()},
+                              "ms per token", log=True, title=f"zero: ZeRO-Inference offload on {part['model']}")
+        else:   # zero_nvme_4bit and native_tp: rounds of launches taking turns
+            key = "variant" if name == "zero_nvme_4bit" else "engine"
+            sides = _by(rows, key)
+            sizes = sorted({r["batch_size"] for r in rows})
+            stats = {k: [_median_range([r["ms_per_token"] for r in rs if r["batch_size"] == b]) for b in sizes]
+                     for k, rs in sides.items()}
+            results.plot_bars(ax, [f"batch {b}" for b in sizes], {k: [v[0] for v in st] for k, st in stats.items()},
+                              f"ms per token (median of {part.get('rounds', '?')} rounds)",
+                              spread={k: [v[1] for v in st] for k, st in stats.items()}, log=True,
+                              title=(f"zero_nvme_4bit: weights swapped to disk, {part['model']}"
+                                     if name == "zero_nvme_4bit" else
+                                     f"native_tp: TP={part['tp_size']} on {part['model']}"))
+    hw = out.get("hardware") or {}
+    fig.suptitle(f"strategy benchmarks on {hw.get('cpu', '?')} ({hw.get('cpu_cores', '?')} cores; a part "
+                 "measured on another machine names it in the JSON)")
+    return results.save_png(fig, path)
+
+
 @cli_entry
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -177,11 +251,14 @@ def main(argv=None):
                         "launches the recipes for real on CPU ranks: minutes each on 2 cores, "
                         "zero_nvme_4bit ~15, swapping the bench model's weights to a temporary "
                         "folder under HOME (default: every part)")
-    args = p.parse_args(argv)
-    from pathlib import Path
-
     from bloomkit import results
 
+    results.add_plot_flags(p, "benchmarks/results/strategies-cpu.json")
+    args = p.parse_args(argv)
+    recorded = results.check_plot_flags(args)
+    if recorded is not None:
+        print(f"saved {plot(recorded, args.plot)}")
+        return
     before = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}
     out = microbench.run_parts(PARTS, args.only, args.out)
     if set(args.only) != set(PARTS) and "hardware" in before:
@@ -193,6 +270,8 @@ def main(argv=None):
     if "zero" in out and "zero" not in args.only:  # earlier measurements, labelled by what they did
         out["zero"] = honest_zero(out["zero"])
     results.write_json(args.out, out)
+    if args.plot:
+        print(f"saved {plot(out, args.plot)}")
 
 
 if __name__ == "__main__":

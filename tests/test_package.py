@@ -222,6 +222,7 @@ HELPS = {
     "bloomkit.notebooks": ["-m", "bloomkit.notebooks", "--help"],
     "benchmarks/foundation.py": ["benchmarks/foundation.py", "--help"],
     "benchmarks/strategies.py": ["benchmarks/strategies.py", "--help"],
+    "benchmarks/speculative.py": ["benchmarks/speculative.py", "--help"],
 }
 
 

@@ -160,8 +160,22 @@ def blog_table(records, index="strategy"):
 
 
 def plot_ms_per_token(records, ax=None, label_key="strategy"):
-    """ms/token against batch size, one line per ``label_key``; ``oom`` points are left out."""
+    """ms/token against batch size, one line per ``label_key``; ``oom`` points are left out.
+
+    Each point is the median of its timed cycles, its error bar the fastest and the slowest
+    cycle (:func:`bloomkit.measure.report.ms_spread`, the range the tables print); a record
+    without timed cycles gets no bar.
+
+    Example:
+        >>> rec = {"strategy": "accelerate", "batch_size": 1, "status": "ok", "ms_per_token": 2.0,
+        ...        "cycle_seconds": [0.9, 1.0, 1.2], "options": {}}
+        >>> fig, (ax,) = figure(1)
+        >>> plot_ms_per_token([rec], ax=ax).containers[0]
+        <ErrorbarContainer object of 3 artists>
+    """
     import matplotlib.pyplot as plt
+
+    from .measure.report import ms_spread
 
     ax = ax or plt.subplots(figsize=(6, 4))[1]
     groups: dict[str, list] = {}
@@ -169,16 +183,181 @@ def plot_ms_per_token(records, ax=None, label_key="strategy"):
         label = r.get(label_key) if label_key in r else r["options"].get(label_key)
         groups.setdefault(str(label), []).append(r)
     for label, rs in groups.items():
-        pts = sorted((r["batch_size"], r["ms_per_token"]) for r in rs if r["status"] == "ok")
+        pts = sorted(((r["batch_size"], r["ms_per_token"], ms_spread(r)) for r in rs
+                      if r["status"] == "ok" and isinstance(r["ms_per_token"], (int, float))),
+                     key=lambda p: p[:2])
         if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+            ys = [p[1] for p in pts]
+            spread = [[y - (p[2] or (y, y))[0] for y, p in zip(ys, pts)],
+                      [(p[2] or (y, y))[1] - y for y, p in zip(ys, pts)]]
+            ax.errorbar([p[0] for p in pts], ys, yerr=spread, marker="o", capsize=3, label=label)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("batch size")
-    ax.set_ylabel("ms per token (lower is better)")
+    ax.set_ylabel("ms per token (lower is better)\nmedian; bars: fastest to slowest cycle")
     ax.legend()
     ax.grid(True, which="both", alpha=0.3)
     return ax
+
+
+def plot_step_breakdown(rows: list[dict], ax=None, title: str | None = None):
+    """Where a decode step's time goes, eager beside compiled: per batch size two stacked bars,
+    the linear layers alone (the matrix kernels) and the rest of the step (attention, norms,
+    activations, dispatch), with the weights' memory bound as a dashed mark.
+
+    Args:
+        rows: :func:`bloomkit.microbench.compile_speedup` rows (``eager_step_ms``,
+            ``compiled_step_ms``, ``linears_ms``, ``memory_bound_ms``, ``batch_size``); their
+            ``*_step_samples_ms``, when kept, become error bars (fastest to slowest call).
+        ax: the Axes to draw on (a new figure's when ``None``).
+        title: the Axes' title.
+
+    A step shorter than its linears' single timing (noise on a busy machine) is drawn as
+    linears only, capped at the step.
+
+    Example:
+        >>> row = {"batch_size": 1, "eager_step_ms": 10.0, "compiled_step_ms": 7.0, "linears_ms": 6.0,
+        ...        "memory_bound_ms": 4.0, "compiled_step_samples_ms": [6.8, 7.0, 7.5]}
+        >>> fig, (ax,) = figure(1)
+        >>> [float(b.get_height()) for b in plot_step_breakdown([row], ax=ax).patches]   # linears, rest; twice
+        [6.0, 4.0, 6.0, 1.0]
+    """
+    if ax is None:
+        import matplotlib.pyplot as plt
+
+        ax = plt.subplots(figsize=(7, 4))[1]
+    vary = [k for k in ("model", "dtype") if len({r.get(k) for r in rows}) > 1]   # named under each bar
+    ticks, names = [], []
+    for i, r in enumerate(rows):
+        group = " ".join([f"batch {r['batch_size']}", *(str(r.get(k)) for k in vary)])
+        for j, (side, rest_color) in enumerate((("eager", "tab:orange"), ("compiled", "tab:green"))):
+            x, step = 3 * i + j, r[f"{side}_step_ms"]
+            lin = min(r["linears_ms"], step)
+            ax.bar(x, lin, color="tab:blue", label="linears alone (matrix kernels)" if i == j == 0 else None)
+            ax.bar(x, step - lin, bottom=lin, color=rest_color,
+                   label=f"rest of the {side} step" if i == 0 else None)
+            samples = r.get(f"{side}_step_samples_ms")
+            if samples:
+                ax.errorbar(x, step, yerr=[[step - min(samples)], [max(samples) - step]], color="black",
+                            capsize=3, label="fastest to slowest call" if i == j == 0 else None)
+            ax.annotate(f"{step:.1f}", (x, max([step, *(samples or [])])), textcoords="offset points",
+                        xytext=(0, 4), ha="center", fontsize=8)
+            ticks.append(x)
+            names.append(f"{side}\n{group}")
+        ax.hlines(r["memory_bound_ms"], 3 * i - 0.45, 3 * i + 1.45, colors="black", linestyles="--",
+                  label="memory bound (weights / bandwidth)" if i == 0 else None)
+    ax.set_xticks(ticks, names, fontsize=8)
+    ax.set_ylabel("ms per decode step (median)")
+    ax.margins(y=0.15)
+    ax.legend(fontsize=8)
+    ax.grid(True, axis="y", alpha=0.3)
+    if title:
+        ax.set_title(title)
+    return ax
+
+
+def figure(panels: int, width: float = 6.0, height: float = 4.0, columns: int = 3):
+    """A matplotlib figure of ``panels`` Axes (``columns`` to a row), drawn by the Agg backend
+    (no display, no pyplot state: what a script saving a PNG needs).  Returns ``(fig, axes)``.
+
+    Example:
+        >>> fig, axes = figure(2)
+        >>> png = save_png(fig, "out.png")
+        >>> png.read_bytes()[:4]
+        b'\\x89PNG'
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    cols = max(1, min(panels, columns))
+    rows = -(-max(panels, 1) // cols)
+    fig = Figure(figsize=(width * cols, height * rows), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = list(fig.subplots(rows, cols, squeeze=False).flat)
+    for ax in axes[panels:]:
+        ax.set_visible(False)
+    return fig, axes[:panels]
+
+
+def plot_bars(ax, groups: list, series: dict[str, list], ylabel: str,
+              spread: dict[str, list] | None = None, log: bool = False, title: str | None = None):
+    """Grouped bars: one group per entry of ``groups``, one bar per ``series`` name in it.
+
+    Args:
+        ax: the Axes to draw on.
+        groups: the group labels (x axis), e.g. ``["batch 1", "batch 8"]``.
+        series: name -> one value per group (``None``: no bar).
+        ylabel: the y axis' label.
+        spread: name -> one ``(low, high)`` per group (or ``None``), drawn as error bars.
+        log: a logarithmic y axis.
+        title: the Axes' title.
+
+    Example:
+        >>> fig, (ax,) = figure(1)
+        >>> ax = plot_bars(ax, ["batch 1", "batch 8"], {"eager": [10, 3], "compiled": [8, None]}, "ms")
+        >>> len(ax.patches)
+        3
+    """
+    width = 0.8 / max(len(series), 1)
+    for k, (name, values) in enumerate(series.items()):
+        xs = [i + (k - (len(series) - 1) / 2) * width for i, v in enumerate(values) if v is not None]
+        ys = [v for v in values if v is not None]
+        ax.bar(xs, ys, width, label=name)
+        ranges = [sp for sp, v in zip((spread or {}).get(name) or [None] * len(values), values) if v is not None]
+        if any(ranges):
+            err = [[y - (r or (y, y))[0] for y, r in zip(ys, ranges)], [(r or (y, y))[1] - y for y, r in zip(ys, ranges)]]
+            ax.errorbar(xs, ys, yerr=err, fmt="none", ecolor="black", capsize=3)
+    ax.set_xticks(range(len(groups)), [str(g) for g in groups])
+    ax.set_ylabel(ylabel)
+    if log:
+        ax.set_yscale("log")
+    ax.grid(True, axis="y", which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=10)
+    return ax
+
+
+def save_png(fig, path: str | Path) -> Path:
+    """Save ``fig`` as a PNG at ``path`` (its folder created), written atomically like the JSON."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png", dpi=100)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def add_plot_flags(parser, default_json: str) -> None:
+    """``--plot PATH`` and ``--from JSON`` for a benchmark script (see benchmarks/README.md)."""
+    parser.add_argument("--plot", default=None, metavar="PNG",
+                        help="also draw the results as a PNG at this path, from the JSON just written "
+                             "(or from --from's file without running anything) (default: no picture)")
+    parser.add_argument("--from", dest="from_json", default=None, metavar="JSON",
+                        help=f"redraw a recorded result file (e.g. {default_json}) instead of running "
+                             "the benchmark; needs --plot (default: run and measure now)")
+
+
+def check_plot_flags(args) -> dict | None:
+    """Validate ``--plot``/``--from`` before any work; returns ``--from``'s JSON (``None`` to run)."""
+    if args.from_json and not args.plot:
+        raise UserError(f"--from {args.from_json} only redraws a recorded file; add --plot out.png")
+    check_writable(args.plot, "--plot")
+    if not args.from_json:
+        return None
+    try:
+        return json.loads(Path(args.from_json).read_text())
+    except FileNotFoundError:
+        raise UserError(f"--from {args.from_json}: no such file; pass a result file such as "
+                        f"those in benchmarks/results/") from None
+    except (OSError, ValueError) as exc:
+        raise UserError(f"--from {args.from_json} is not a readable JSON result file ({exc}); "
+                        f"pass one that the benchmark wrote") from None
 
 
 def _label(r: dict, label_key: str) -> str:

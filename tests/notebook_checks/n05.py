@@ -1,7 +1,8 @@
 """Notebook 05 (static KV cache, torch.compile, CUDA graphs): compiled tokens equal plain
 ``generate``, no graph compiled during the timed calls, the eager/compiled comparison per batch
 size made of interleaved pairs whose medians are the records' decode steps, the GPU file cited
-with the date recorded inside it, and BLOOM-176B's memory floor."""
+with the date recorded inside it, BLOOM-176B's memory floor, and the step's breakdown drawn (eager
+beside compiled, an image in the executed notebook)."""
 import json
 import re
 import statistics
@@ -68,3 +69,9 @@ def check(run):
         assert re.search(rf"batch {bs}: the linears alone take [\d.]+ ms, \d+% of the eager step", text)
     assert "of the memory bound's speed" in text
     assert not re.search(r"\b(anchor|task|note)\b", run.markdown(), re.I)
+
+    # the step's breakdown drawn, eager beside compiled, from this run's rows
+    drawn = [c for c in run.code_cells if "plot_step_breakdown(rows" in "".join(c["source"])]
+    assert len(drawn) == 1, "notebook 05 draws the step's breakdown once"
+    assert any("image/png" in o.get("data", {}) for o in drawn[0].get("outputs", [])), \
+        "the breakdown cell shows no picture (image/png)"
