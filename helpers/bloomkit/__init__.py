@@ -10,7 +10,7 @@ import each other (``tests/test_layout.py`` checks both):
 * the ground — :mod:`.cli` (recipes' shared flags), :mod:`.models` (embedded models, any
   model name to a directory), :mod:`.arch` (shapes from any config), :mod:`.memory`,
   :mod:`.prompts`, :mod:`.results`, :mod:`.dist` (ranks), :mod:`.launch`, :mod:`.dsops`,
-  :mod:`.dtypes`, :mod:`.sysinfo`, :mod:`.errors`.
+  :mod:`.dtypes`, :mod:`.sysinfo`, :mod:`.errors`, :mod:`.progress` (bars where a person watches).
 """
 from . import dsops as _dsops
 

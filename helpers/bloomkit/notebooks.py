@@ -191,9 +191,12 @@ def to_html(nb_path: Path) -> Path:
 
 
 def run_profile(profile_name: str, out_dir: str | Path, only: list[str] | None = None) -> list[dict]:
-    """Execute every notebook with one profile; returns the gathered result records."""
-    from tqdm.auto import tqdm
+    """Execute every notebook with one profile; returns the gathered result records.
 
+    Prints one line per notebook when it finishes (its time, its records); on a terminal a bar
+    below them counts the notebooks and the running one's elapsed seconds, redrawn every second
+    (:mod:`bloomkit.progress`; nothing of it in a redirected log or in CI)."""
+    from . import progress
     from .results import read_records, write_json
 
     profile = load_profile(profile_name)
@@ -204,19 +207,24 @@ def run_profile(profile_name: str, out_dir: str | Path, only: list[str] | None =
     for p in paths:  # check every notebook's parameters before spending time on any
         check_parameters(p, profile_parameters(profile, p))
     records, summary = [], []
-    for p in tqdm(paths, desc=f"notebooks ({profile_name})", unit="nb"):
-        res = out_dir / f"{p.stem}.jsonl"
-        res.unlink(missing_ok=True)
-        params = profile_parameters(profile, p)
-        params["RESULTS_PATH"] = str(res)
-        t0 = time.perf_counter()
-        executed = execute(p, out_dir / p.name, params)
-        to_html(executed)
-        got = read_records(res) if res.exists() else []
-        records.extend(got)
-        summary.append({"notebook": p.name, "seconds": round(time.perf_counter() - t0, 1),
-                        "records": len(got)})
-        print(f"  {p.name}: {summary[-1]['seconds']} s, {len(got)} result records", flush=True)
+    with progress.bar(total=len(paths), desc=f"notebooks ({profile_name})",
+                      bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]") as done:
+        for p in paths:
+            res = out_dir / f"{p.stem}.jsonl"
+            res.unlink(missing_ok=True)
+            params = profile_parameters(profile, p)
+            params["RESULTS_PATH"] = str(res)
+            t0 = time.perf_counter()
+            with progress.ticking(done, note=lambda: f"{p.name} {time.perf_counter() - t0:.0f} s"):
+                executed = execute(p, out_dir / p.name, params)
+                to_html(executed)
+            got = read_records(res) if res.exists() else []
+            records.extend(got)
+            summary.append({"notebook": p.name, "seconds": round(time.perf_counter() - t0, 1),
+                            "records": len(got)})
+            done.set_postfix_str("", refresh=False)
+            progress.echo(f"  {p.name}: {summary[-1]['seconds']} s, {len(got)} result records")
+            done.update(1)
     (out_dir / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     write_json(out_dir / "summary.json", {"profile": profile_name, "notebooks": summary})
     from .measure.report import write_report

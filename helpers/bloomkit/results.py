@@ -163,7 +163,7 @@ def plot_ms_per_token(records, ax=None, label_key="strategy"):
     """ms/token against batch size, one line per ``label_key``; ``oom`` points are left out.
 
     Each point is the median of its timed cycles, its error bar the fastest and the slowest
-    cycle (:func:`bloomkit.measure.report.ms_spread`, the range the tables print); a record
+    cycle (:func:`ms_spread`, the range the tables print); a record
     without timed cycles gets no bar.
 
     Example:
@@ -175,7 +175,6 @@ def plot_ms_per_token(records, ax=None, label_key="strategy"):
     """
     import matplotlib.pyplot as plt
 
-    from .measure.report import ms_spread
 
     ax = ax or plt.subplots(figsize=(6, 4))[1]
     groups: dict[str, list] = {}
@@ -401,3 +400,20 @@ def completions(records, label_key: str = "variant", rows: int = 1, width: int =
             out.append({label_key: label, "prompt": prompt.replace("\n", "⏎"),
                         "completion": text.replace("\n", "⏎")[:width]})
     return pd.DataFrame(out)
+
+
+def ms_spread(record: dict) -> tuple[float, float] | None:
+    """The lowest and highest ms/token of a record's timed cycles (``cycle_seconds``, scaled as
+    its median ``ms_per_token`` is); ``None`` without timed cycles.
+
+    Example:
+        >>> ms_spread({"ms_per_token": 2.0, "cycle_seconds": [0.9, 1.0, 1.2]})
+        (1.8, 2.4)
+    """
+    import statistics
+
+    cyc = record.get("cycle_seconds") or []
+    if record.get("status", "ok") != "ok" or not cyc or not isinstance(record.get("ms_per_token"), (int, float)):
+        return None
+    scale = record["ms_per_token"] / statistics.median(cyc)
+    return (min(cyc) * scale, max(cyc) * scale)

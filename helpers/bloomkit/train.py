@@ -28,6 +28,7 @@ import sysconfig
 import time
 from pathlib import Path
 
+from . import progress
 from .errors import UserError, cli_entry
 from .models import _save_tokenizer, build_tokenizer
 from .measure.quality import perplexity_of_ids
@@ -38,6 +39,7 @@ MAX_FILE_BYTES = 200_000          # drops generated giants such as pydoc_data/to
 HELDOUT_EVERY = 20                # every 20th file (sorted order) is held out
 EVAL_TOKENS = 32_768              # held-out tokens the recorded perplexity is computed on
 SAMPLE_TOKENS = 4_096             # held-out tokens shipped for the test to recompute
+LOSS_CURVE = "loss_curve.png"    # the training loss per step, drawn beside the model
 LICENCE = "PSF License Agreement (Python Software Foundation License), permissive"
 
 
@@ -190,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from transformers import BloomConfig, BloomForCausalLM, GenerationConfig
 
+    progress.library_bars()   # transformers' "Writing model shards" bar: a terminal's, not a log's
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     t0 = time.time()
@@ -231,6 +234,13 @@ def main(argv: list[str] | None = None) -> int:
 
     model.train()
     t_train, step, ema = time.time(), 0, None
+    losses, averages = [], []   # every step's loss and the log's avg: the curve saved beside the model
+    tokens_per_step = args.batch * args.seq_len
+    # on a terminal: a bar over the steps (--max_steps) or the time box, with loss and tokens/s
+    by_steps = args.max_steps is not None
+    bar = progress.bar(total=args.max_steps if by_steps else round(budget, 1), desc="training",
+                       bar_format="{l_bar}{bar}| " + ("{n_fmt}/{total_fmt} steps " if by_steps else "")
+                                  + "[{elapsed}<{remaining}{postfix}]")
     while True:
         elapsed = time.time() - t_train
         if elapsed >= budget or (args.max_steps is not None and step >= args.max_steps):
@@ -250,10 +260,17 @@ def main(argv: list[str] | None = None) -> int:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         step += 1
-        ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
+        losses.append(loss.item())
+        ema = losses[-1] if ema is None else 0.95 * ema + 0.05 * losses[-1]
+        averages.append(ema)
+        now = max(time.time() - t_train, 1e-6)
+        tokens_per_s = step * tokens_per_step / now
+        bar.set_postfix_str(f"step {step}, loss {ema:.3f}, {tokens_per_s:,.0f} tokens/s", refresh=False)
+        bar.update(1 if by_steps else min(now, budget) - bar.n)
         if step % args.log_every == 0 or step == 1:
-            print(f"step {step:6d}  loss {loss.item():.3f}  (avg {ema:.3f})  lr {lr:.2e}  "
-                  f"{time.time() - t_train:7.1f}s", flush=True)
+            progress.echo(f"step {step:6d}  loss {losses[-1]:.3f}  (avg {ema:.3f})  lr {lr:.2e}  "
+                          f"{tokens_per_s:8,.0f} tokens/s  {now:7.1f}s")
+    bar.close()
     train_seconds = time.time() - t_train
 
     model.eval()
@@ -312,11 +329,59 @@ def main(argv: list[str] | None = None) -> int:
         "heldout_sample_perplexity": round(sample_ppl, 3),
         "heldout_sample_eval": {"file": "heldout_sample.json", "tokens": SAMPLE_TOKENS,
                                 "window": eval_len},
+        "loss_curve": LOSS_CURVE,
     }
     (out / "bloomkit_trained.json").write_text(json.dumps(meta, indent=2) + "\n")
+    curve = plot_loss_curve(losses, averages, out / LOSS_CURVE, tokens_per_step=tokens_per_step,
+                            title=f"BLOOM {n_params / 1e6:.2f} M parameters: {step} steps in "
+                                  + (f"{train_seconds / 60:.1f} min" if train_seconds >= 60 else
+                                     f"{train_seconds:.1f} s") + f", held-out perplexity {ppl:.2f}")
+    print(f"loss curve: {curve}", flush=True)
     print(f"saved to {out} ({sum(f.stat().st_size for f in out.iterdir()) / 1e6:.1f} MB); "
           f"total {time.time() - t0:.0f}s", flush=True)
     return 0
+
+
+def plot_loss_curve(losses: list[float], averages: list[float], path: str | Path, *,
+                    title: str = "", tokens_per_step: int | None = None) -> Path:
+    """Draw a run's training loss per step, with the moving average the log prints as ``avg``,
+    to a PNG at ``path``.
+
+    Args:
+        losses: the loss of every step, in order (nats per token: cross-entropy).
+        averages: the moving average after each step (the log's ``avg``).
+        path: where the PNG goes (``bloomkit.train`` puts it beside the model: ``loss_curve.png``).
+        title: the figure's title (the run's size, steps and held-out perplexity).
+        tokens_per_step: ``batch x seq_len``; when given, a second axis counts the tokens seen.
+
+    Returns:
+        ``path``, as a ``Path``.
+
+    Example:
+        >>> import tempfile
+        >>> png = plot_loss_curve([5.1, 4.8, 4.2], [5.1, 5.09, 5.04], tempfile.mkdtemp() + "/loss.png")
+        >>> png.stat().st_size > 1000
+        True
+    """
+    from matplotlib.figure import Figure   # no pyplot: no display backend, no global state
+
+    steps = range(1, len(losses) + 1)
+    fig = Figure(figsize=(7, 4), dpi=100, layout="constrained")
+    ax = fig.add_subplot()
+    ax.plot(steps, losses, lw=0.8, alpha=0.35, label="loss of each step")
+    ax.plot(steps, averages, lw=2, label="moving average (the log's avg)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss (cross-entropy, nats/token)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    if tokens_per_step:
+        top = ax.secondary_xaxis("top", functions=(lambda s: s * tokens_per_step,
+                                                   lambda t: t / tokens_per_step))
+        top.set_xlabel("tokens seen")
+    path = Path(path)
+    fig.savefig(path)
+    return path
 
 
 def _loss(model, batch):

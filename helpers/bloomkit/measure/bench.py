@@ -10,7 +10,7 @@ from typing import Callable, NamedTuple
 
 from . import harness, quality
 
-from .. import memory, models, results
+from .. import memory, models, progress, results
 from ..prompts import model_prompts
 
 
@@ -85,7 +85,11 @@ def run_variant(*, strategy: str, name: str, load: Callable | None = None, path:
         options["compile"] = True
     gen_fn = generate_fn or (lambda m, t, p, n: harness.generate(m, t, p, n, **extra))
     records, ppl, ref_ppl, ppl_windows, ref_windows = [], None, None, None, None
-    for bs in batch_sizes:
+    # one step per batch size, on a terminal only (rank 0; nothing in logs or notebooks)
+    sweep = progress.bar(batch_sizes, desc=f"{strategy} {name}", leave=False,
+                         bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} batch sizes [{elapsed}{postfix}]")
+    for bs in sweep:   # (the bar closes itself when the loop ends, or raises)
+        sweep.set_postfix_str(f"bs={bs} running" + (f"; last {_sweep_note(records[-1])}" if records else ""))
         rows = harness.make_prompts(bs, prompts)
         common = dict(strategy=strategy, model=name, dtype=dtype, batch_size=bs,
                       max_new_tokens=max_new_tokens, load_seconds=load_seconds,
@@ -123,6 +127,14 @@ def run_variant(*, strategy: str, name: str, load: Callable | None = None, path:
     for r in records:   # imports, process group and load, from the process's own start
         r["process_start_to_ready_s"] = ready_after_start
     return records
+
+
+def _sweep_note(record: dict) -> str:
+    """The sweep bar's word on the last batch size: its ms/token, or why it has none."""
+    ms, bs = record.get("ms_per_token"), record["batch_size"]
+    if record["status"] != "ok":
+        return f"bs={bs} {record['status']}"
+    return f"bs={bs} {ms:.2f} ms/token" if isinstance(ms, float) else f"bs={bs} done"
 
 
 def process_age_seconds() -> float | None:

@@ -24,6 +24,7 @@ from pathlib import Path
 from . import roofline
 
 from .. import results, sysinfo
+from ..results import ms_spread  # noqa: F401 (the notebooks call report.ms_spread beside with_spread)
 
 PUBLISHED = "published, not measured here"
 BLOG_SOURCE = ("HF blog 'Incredibly Fast BLOOM Inference with DeepSpeed and Accelerate' (2022), "
@@ -59,23 +60,6 @@ def blog_frame(table: dict | None = None):
     df = df[sorted(df.columns)]
     df.index.name = f"set-up ({PUBLISHED})"
     return df.astype(object).where(df.notna(), "")
-
-
-def ms_spread(record: dict) -> tuple[float, float] | None:
-    """The lowest and highest ms/token of a record's timed cycles (``cycle_seconds``, scaled as
-    its median ``ms_per_token`` is); ``None`` without timed cycles.
-
-    Example:
-        >>> ms_spread({"ms_per_token": 2.0, "cycle_seconds": [0.9, 1.0, 1.2]})
-        (1.8, 2.4)
-    """
-    import statistics
-
-    cyc = record.get("cycle_seconds") or []
-    if record.get("status", "ok") != "ok" or not cyc or not isinstance(record.get("ms_per_token"), (int, float)):
-        return None
-    scale = record["ms_per_token"] / statistics.median(cyc)
-    return (min(cyc) * scale, max(cyc) * scale)
 
 
 def with_spread(record: dict, digits: int = 2) -> str:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from .. import progress
 from ..errors import UserError
 from ..memory import empty_model  # noqa: F401 (the skeleton accelerate plans on; notebook 01 calls it here)
 
@@ -96,7 +97,8 @@ def check_int8_backend(device: str) -> None:
 
 
 def _quiet():
-    """Silence accelerate/bitsandbytes chatter that repeats per layer or per call."""
+    """Silence accelerate/bitsandbytes chatter that repeats per layer or per call; loading
+    progress only where a person watches (:func:`bloomkit.progress.library_bars`)."""
     warnings.filterwarnings("ignore", message=".*inputs will be cast from.*")
     warnings.filterwarnings("ignore", message=".*weights are not tied.*")
     logging.getLogger("accelerate.utils.modeling").setLevel(logging.ERROR)
@@ -104,9 +106,9 @@ def _quiet():
     # means (a hook loads them back before each forward), said once per load
     logging.getLogger("accelerate.big_modeling").setLevel(logging.ERROR)
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
+    # transformers' own "Loading weights" bar: on a terminal (rank 0) a checkpoint that takes
+    # minutes shows it moving; off in logs, CI and notebooks (no "\r" debris there)
+    progress.library_bars()
 
 
 def plan_device_map(config, max_memory: dict, dtype: str = "bf16", device_map: str = "auto"):

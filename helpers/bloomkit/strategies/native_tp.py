@@ -104,7 +104,7 @@ def run(args, load: Callable, check: Callable) -> list[dict]:
     """
     import torch
 
-    from .. import cli, dist, models, results
+    from .. import cli, dist, models, progress, results
     from ..errors import UserError
     from ..measure import bench, harness
     from ..prompts import eval_texts
@@ -118,11 +118,11 @@ def run(args, load: Callable, check: Callable) -> list[dict]:
     if args.compile:
         raise UserError("--compile is not offered with transformers' tensor parallelism here; "
                         "drop --compile (notebook 05 compiles a one-process model)")
+    progress.library_bars()   # loading bars on rank 0 where a person watches; off on the other ranks
     if not dist.is_main():
         import transformers
 
         transformers.utils.logging.set_verbosity_error()
-        transformers.utils.logging.disable_progress_bar()
     with harness.LoadTimer() as lt:   # "start to ready": the recipe's load, every rank reading its slices
         model = load(str(s["path"]), s["dtype"], world)
     ready_after_start = bench.process_age_seconds()

@@ -94,6 +94,7 @@ def prepare(args) -> TPSetup:
         the resolved :class:`TPSetup`; raises :class:`~bloomkit.errors.UserError` naming the fix.
 
     Example:
+        >>> import os; _ = os.environ.setdefault("DS_ACCELERATOR", "cpu")  # CPU: say so, quietly
         >>> from bloomkit import cli
         >>> p = cli.common_parser("tp"); add_flags(p)
         >>> s = prepare(p.parse_args(["--name", "tiny"]))   # one process: TP=1
@@ -186,13 +187,16 @@ def prepare(args) -> TPSetup:
 
 
 def _quiet_rank() -> None:
-    """Only rank 0 prints: other ranks' stdout goes nowhere (errors still reach stderr)."""
+    """Only rank 0 prints: other ranks' stdout goes nowhere (errors still reach stderr); rank 0
+    shows transformers' loading bars where a person watches (:func:`bloomkit.progress.library_bars`)."""
     import sys
     import warnings
 
     from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()
+    from .. import progress
+
+    progress.library_bars()
     hf_logging.set_verbosity_error()
     warnings.filterwarnings("ignore", message=".*deprecated.*")
     if not is_main():

@@ -829,6 +829,9 @@ def load(setup: ZeroSetup, load_fn: Callable | None = None):
         >>> setup.info["partition_bytes"] > 0, next(model.parameters()).numel()  # partitioned
         (True, 0)
     """
+    from .. import progress
+
+    progress.library_bars()   # transformers' "Loading weights" on rank 0 where a person watches
     if load_fn is None:
         model = load_model(setup.path, setup.dtype, setup.ds_config, setup.options.device)
     else:
