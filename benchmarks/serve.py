@@ -3,8 +3,12 @@
 
     python benchmarks/serve.py [--out benchmarks/results/serve-cpu.json] [--name small]
                                [--only accelerate tp2] [--server_args='--compile']
+                               [--plot serve.png] [--from benchmarks/results/serve-cpu.json]
 
-With --only, the other parts already in --out are kept.
+With --only, the other parts already in --out are kept.  --plot draws the JSON as latency against
+throughput (TTFT and TPOT p50 against output tokens/s, one line per server, one point per client
+count, the rounds' range as error bars: how vLLM's and DeepSpeed-FastGen's serving results are shown);
+with --from it redraws a recorded file without running anything.
 
 * accelerate: the server (``recipes/serve.py``) under the load-test client at 1, 4 and 16
   concurrent clients; the goals are throughput at 16 clients >= 4x the one-request-at-a-time
@@ -38,7 +42,7 @@ import statistics
 import time
 
 from bloomkit import results, sysinfo
-from bloomkit.errors import cli_entry
+from bloomkit.errors import UserError, cli_entry
 from bloomkit.measure import compare
 from bloomkit.serve import loadtest
 from bloomkit.serve.proc import Server
@@ -171,15 +175,105 @@ def tp2(name: str, reference: dict | None = None) -> dict:
     return out
 
 
+LATENCY_KEYS = [f"{k}_p{q}_ms" for k in loadtest.LATENCIES for q in loadtest.PERCENTILES]
+
+
+def median_rows(rounds: list[list[dict]]) -> list[dict]:
+    """One row per client count from the rounds of a part: the median over the rounds of its
+    throughput and latencies, with the rounds' range of throughput and of each p50
+    (``output_tokens_per_s_range``, ``{key}_p50_ms_range``: the picture's error bars).  Keys an
+    older record lacks are left out."""
+    by: dict = {}
+    for rows in rounds:
+        for r in rows:
+            if isinstance(r, dict) and isinstance(r.get("output_tokens_per_s"), (int, float)):
+                by.setdefault((r.get("arrivals", "fixed"), r.get("concurrency"), r.get("rate")), []).append(r)
+    out = []
+    for (arrivals, c, rate), rs in by.items():
+        row = {"arrivals": arrivals, "concurrency": c, "rate": rate, "rounds": len(rs)}
+        for key in ("output_tokens_per_s", "requests_per_s", *LATENCY_KEYS):
+            vals = [r[key] for r in rs if isinstance(r.get(key), (int, float))]
+            if vals:
+                row[key] = statistics.median(vals)
+                if key == "output_tokens_per_s" or key.endswith("_p50_ms"):
+                    row[f"{key}_range"] = (min(vals), max(vals))
+        out.append(row)
+    return out
+
+
+def traffic_name(max_tokens) -> str:
+    """A part's traffic, named by its ``max_tokens``: a range drawn per request, or one length."""
+    if isinstance(max_tokens, (list, tuple)) and len(max_tokens) == 2:
+        return f"lengths {max_tokens[0]}-{max_tokens[1]} (mixed)"
+    return f"{max_tokens} tokens each (one length)" if max_tokens is not None else "traffic not recorded"
+
+
+def series(out: dict) -> dict[str, dict[str, list[dict]]]:
+    """Every server's load-test rows in a result of this script, by traffic: ``{traffic: {server:
+    rows}}``.  A part with ``rounds`` gives :func:`median_rows`, one with ``runs`` its rows; a server
+    is named by its path in the JSON (``accelerate/overlap``, ``tp2``), so a new part is drawn as one
+    more line."""
+    found: dict[str, dict[str, list[dict]]] = {}
+
+    def visit(node, path):
+        if not isinstance(node, dict):
+            return
+        if isinstance(node.get("rounds"), list) and node["rounds"]:
+            rows = median_rows(node["rounds"])
+        elif isinstance(node.get("runs"), list) and node["runs"]:
+            rows = [r for r in node["runs"] if isinstance(r, dict) and "output_tokens_per_s" in r]
+        else:
+            for k, v in node.items():
+                if k not in ("expected", "metric_definitions", "hardware", "length_control"):
+                    visit(v, [*path, k])
+            return
+        if rows:
+            label = "/".join(p for p in path if p not in TRAFFIC) or "server"
+            found.setdefault(traffic_name(node.get("max_tokens", out.get("max_tokens"))), {})[label] = rows
+
+    visit(out, [])
+    return found
+
+
+def plot(out: dict, path):
+    """Draw ``out`` (the JSON this script writes) as one PNG at ``path``: for each kind of traffic,
+    TTFT and TPOT p50 against output tokens/s, one line per server
+    (:func:`bloomkit.serve.loadtest.plot_latency_throughput`)."""
+    parts = series(out)
+    if not parts:
+        raise UserError("nothing to draw: the JSON has no load-test runs ('rounds' or 'runs'); pass a file "
+                        "that benchmarks/serve.py wrote")
+    fig, axes = results.figure(2 * len(parts), width=6.0, height=4.5, columns=2)
+    for i, (traffic, by_server) in enumerate(parts.items()):
+        loadtest.plot_latency_throughput(by_server, axes[2 * i:2 * i + 2], ("ttft", "tpot"), title=traffic)
+    hw = out.get("hardware") or {}
+    fig.suptitle(f"serving {out.get('model', '?')} on {hw.get('cpu', 'this CPU')} ({hw.get('cpu_cores', '?')} cores): "
+                 "median of the rounds, points named by their concurrent clients (C)", fontsize=11)
+    return results.save_png(fig, path)
+
+
 @cli_entry
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[1])
-    p.add_argument("--out", default="benchmarks/results/serve-cpu.json")
-    p.add_argument("--name", default="small")
-    p.add_argument("--only", nargs="*", choices=["accelerate", "burst", "tp2"], default=["accelerate", "burst", "tp2"])
-    p.add_argument("--rounds", type=int, default=3, help="alternating rounds of every run (ratio: their median)")
-    p.add_argument("--server_args", default="", help="more flags for recipes/serve.py, e.g. --server_args='--compile'")
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="benchmarks/results/serve-cpu.json", metavar="JSON",
+                   help="the result file; parts not run (--only) are kept from it (default: %(default)s)")
+    p.add_argument("--name", default="small",
+                   help="the model every server loads; larger ones take longer per step (default: %(default)s)")
+    p.add_argument("--only", nargs="*", choices=["accelerate", "burst", "tp2"], default=["accelerate", "burst", "tp2"],
+                   help="the parts to run; tp2 starts a server of two ranks, each holding half of the weights "
+                        "(default: all three)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="alternating rounds of every run (ratio: their median); each round adds minutes "
+                        "(default: %(default)s)")
+    p.add_argument("--server_args", default="",
+                   help="more flags for recipes/serve.py, e.g. --server_args='--compile' (default: none)")
+    results.add_plot_flags(p, "benchmarks/results/serve-cpu.json")
     args = p.parse_args(argv)
+    recorded = results.check_plot_flags(args)
+    if recorded is not None:
+        print(f"saved {plot(recorded, args.plot)}")
+        return
+    results.check_writable(args.out, "--out")
     out = {}
     if os.path.exists(args.out):   # --only: the other parts already there are kept
         out = json.loads(open(args.out).read())
@@ -194,6 +288,8 @@ def main(argv=None):
     out["load_average_after"] = os.getloadavg()
     results.write_json(args.out, out)
     print(f"wrote {args.out}")
+    if args.plot:
+        print(f"saved {plot(out, args.plot)}")
 
 
 if __name__ == "__main__":

@@ -223,6 +223,7 @@ HELPS = {
     "benchmarks/foundation.py": ["benchmarks/foundation.py", "--help"],
     "benchmarks/strategies.py": ["benchmarks/strategies.py", "--help"],
     "benchmarks/speculative.py": ["benchmarks/speculative.py", "--help"],
+    "benchmarks/serve.py": ["benchmarks/serve.py", "--help"],
 }
 
 

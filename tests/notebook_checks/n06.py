@@ -2,7 +2,8 @@
 plain ``generate``; a static batch (``generate`` on the same N prompts at once) against the same
 N requests to the server, and one client against the most clients, each from interleaved pairs
 with their samples; no errors and no answer that differs from its prompt's answer alone; the
-refusal of a too-large ``max_tokens`` printed whole, with the number that would fit.
+refusal of a too-large ``max_tokens`` printed whole, with the number that would fit; latency
+against throughput drawn from the load runs (a picture in the executed notebook).
 
 The notebook writes no result records: its claims carry their own samples, and the checks are
 that each printed number agrees with them."""
@@ -62,3 +63,14 @@ def check(run):
     assert "Output lengths: ignore_eos (every request made exactly its max_tokens: True)." in text
     assert not re.search(r"\bp99\b", text)
     assert any("image/png" in o.get("data", {}) for c in run.code_cells for o in c.get("outputs", []))
+
+    # latency against throughput drawn from the runs of the load table, each step's ratios printed under it
+    drawn = [c for c in run.code_cells if "plot_latency_throughput(" in "".join(c["source"])]
+    assert len(drawn) == 1, "notebook 06 draws latency against throughput once"
+    assert any("image/png" in o.get("data", {}) for o in drawn[0].get("outputs", [])), \
+        "the latency-against-throughput cell shows no picture (image/png)"
+    steps = re.findall(r"(\d+) -> (\d+) clients: output tokens/s [\d.]+x, TTFT p50 [\d.]+x, TPOT p50 [\d.]+x", text)
+    assert steps and steps[-1][1] == str(top), steps
+    for key in ("TTFT", "TPOT"):
+        assert re.search(rf"{key} p50 (first rose faster than throughput from \d+ to \d+ clients|"
+                         rf"rose no faster than throughput in any step up to {top} clients)", text), key

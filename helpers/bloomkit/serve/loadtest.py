@@ -40,6 +40,10 @@ then waits for the whole group's prefill.  Real traffic has mixed lengths, which
 arrivals out so that each new request joins a running batch on its own.  Both are worth
 measuring: the single length is the worst case for time to first token.  An answer shorter than
 the reference must be its prefix.
+
+**The picture.**  ``--plot out.png`` draws the run as vLLM's and DeepSpeed-FastGen's serving results
+are shown: latency (TTFT and TPOT p50) against output tokens/s, one point per concurrency or rate
+(:func:`plot_latency_throughput`, which ``benchmarks/serve.py --plot`` draws several servers with).
 """
 from __future__ import annotations
 
@@ -611,6 +615,146 @@ def spread_table(runs: list[dict]) -> str:
                                "else 'median (min-max)'; ITL counts gaps between chunks, not requests)")
 
 
+# ---------------------------------------------------------------------------- the picture
+
+LATENCY_NAMES = {"ttft": "time to first token", "tpot": "time per output token", "itl": "inter-token latency",
+                 "e2e": "end-to-end latency"}
+
+
+def point_tag(row: dict) -> str:
+    """How a run's load is named beside its point: ``C=16`` (closed-loop clients) or ``2/s`` (Poisson).
+
+    Example:
+        >>> point_tag({"arrivals": "fixed", "concurrency": 16}), point_tag({"arrivals": "poisson", "rate": 2.0})
+        ('C=16', '2/s')
+    """
+    if row.get("arrivals") == "poisson" and row.get("rate") is not None:
+        return f"{row['rate']:g}/s"
+    return f"C={row['concurrency']}" if row.get("concurrency") is not None else ""
+
+
+def latency_bar(row: dict, key: str) -> tuple[float, float, str] | None:
+    """The error bar of one latency of a :func:`summarize` row: ``(low, high, what)`` in ms, or None.
+
+    The range of the rounds' p50 where the row carries one (``{key}_p50_ms_range``, a benchmark's
+    median row); else p50 to p90 where the run had :data:`MIN_FOR_PERCENTILES` values or more (or
+    does not say how many: older records); else its fastest to slowest value (as :func:`spread`).
+
+    Example:
+        >>> latency_bar({"ttft_p50_ms": 30.0, "ttft_p90_ms": 45.0, "ttft_n": 12}, "ttft")
+        (30.0, 45.0, 'p50 to p90')
+    """
+    rng = row.get(f"{key}_p50_ms_range")
+    if rng:
+        return float(rng[0]), float(rng[1]), "range of the rounds' p50"
+    n = row.get(f"{key}_n")
+    if n is not None and n < MIN_FOR_PERCENTILES:
+        lo, hi = row.get(f"{key}_min_ms"), row.get(f"{key}_max_ms")
+        return (float(lo), float(hi), f"fastest to slowest (under {MIN_FOR_PERCENTILES} values)") \
+            if lo is not None and hi is not None else None
+    p50, p90 = row.get(f"{key}_p50_ms"), row.get(f"{key}_p90_ms")
+    return (float(p50), float(p90), "p50 to p90") if p50 is not None and p90 is not None else None
+
+
+def _load_order(row: dict) -> float:
+    return float(row.get("rate") if row.get("arrivals") == "poisson" else row.get("concurrency") or 0)
+
+
+def plot_latency_throughput(series: dict[str, list[dict]], axes=None, latencies: Sequence[str] = ("ttft", "tpot"),
+                            title: str | None = None) -> list:
+    """Latency against throughput, the way vLLM's and DeepSpeed-FastGen's serving results are
+    shown: x the output tokens per second of a run (all clients together), y a latency's p50, one
+    line per server, its points in order of load and named by it (``C=16``, ``2/s``).
+
+    A server is better where its line lies lower (less waiting) and further right (more tokens);
+    as load grows, a line first runs right (throughput grows, latency barely) and then bends
+    upward: past that knee more load buys latency, not throughput.  Error bars: :func:`latency_bar`
+    (and the rounds' range of throughput where a row carries ``output_tokens_per_s_range``).
+    Rows without a throughput (every request failed) are left out.
+
+    Args:
+        series: the line's label (a server, a kind of traffic) -> its :func:`summarize` rows.
+        axes: one Axes per latency (a new :func:`bloomkit.results.figure`'s when ``None``).
+        latencies: which of ``ttft``, ``tpot``, ``itl``, ``e2e`` to draw, one panel each.
+        title: put before each panel's title (e.g. the traffic).
+
+    Returns:
+        the Axes, one per latency.
+
+    Example:
+        >>> rows = [{"arrivals": "fixed", "concurrency": c, "output_tokens_per_s": tps, "ttft_p50_ms": t,
+        ...          "tpot_p50_ms": p} for c, tps, t, p in ((1, 50, 35, 20), (16, 250, 170, 55))]
+        >>> [ax.get_xlabel() for ax in plot_latency_throughput({"ours": rows})][0]
+        'output tokens / s (all clients together)'
+    """
+    if axes is None:
+        from .. import results
+
+        axes = results.figure(len(latencies), width=5.5)[1]
+    axes = list(axes)
+    if len(axes) != len(latencies):
+        raise ValueError(f"{len(latencies)} latencies need as many Axes, got {len(axes)}")
+    for ax, key in zip(axes, latencies):
+        kinds = []
+        for i, (label, rows) in enumerate(series.items()):
+            pts = sorted((r for r in rows if isinstance(r.get("output_tokens_per_s"), (int, float))
+                          and isinstance(r.get(f"{key}_p50_ms"), (int, float))), key=_load_order)
+            if not pts:
+                continue
+            xs = [float(r["output_tokens_per_s"]) for r in pts]
+            ys = [float(r[f"{key}_p50_ms"]) for r in pts]
+            bars = [latency_bar(r, key) for r in pts]
+            kinds += [b[2] for b in bars if b]
+            yerr = ([[max(y - (b or (y, y))[0], 0) for y, b in zip(ys, bars)],
+                     [max((b or (y, y))[1] - y, 0) for y, b in zip(ys, bars)]] if any(bars) else None)
+            xr = [r.get("output_tokens_per_s_range") or (x, x) for x, r in zip(xs, pts)]
+            xerr = [[max(x - lo, 0) for x, (lo, _) in zip(xs, xr)], [max(hi - x, 0) for x, (_, hi) in zip(xs, xr)]] \
+                if any(r.get("output_tokens_per_s_range") for r in pts) else None
+            line = ax.errorbar(xs, ys, yerr=yerr, xerr=xerr, marker="o", capsize=3, label=label)
+            for x, y, r in zip(xs, ys, pts):
+                ax.annotate(point_tag(r), (x, y), textcoords="offset points", xytext=(5, (4, -11)[i % 2]), fontsize=8,
+                            color=line.lines[0].get_color())
+        name = LATENCY_NAMES.get(key, key)
+        bar_note = "\nbars: " + ", or ".join(dict.fromkeys(kinds)) if kinds else ""
+        ax.set_xlabel("output tokens / s (all clients together)")
+        ax.set_ylabel(f"{key.upper()} p50, ms{bar_note}", fontsize=9 if bar_note else None)
+        ax.set_title(f"{title + ': ' if title else ''}{name}\nlower and further right is better", fontsize=10)
+        ax.set_xlim(left=0)
+        ax.set_ylim(bottom=0)
+        ax.grid(True, alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    return axes
+
+
+def plot_result(result: dict, path, latencies: Sequence[str] = ("ttft", "tpot")):
+    """Draw a :func:`sweep` result (the load test's JSON) as a PNG at ``path``: one line for the
+    closed-loop runs and one for the Poisson ones, one panel per latency
+    (:func:`plot_latency_throughput`).  Returns the path.
+
+    Example:
+        >>> plot_result(sweep("http://127.0.0.1:8000"), "load.png")        # doctest: +SKIP
+        PosixPath('load.png')
+    """
+    from .. import results
+
+    runs = result.get("runs") or []
+    series = {}
+    for kind, what in (("fixed", "closed loop"), ("poisson", "Poisson arrivals")):
+        rows = [r for r in runs if r.get("arrivals", "fixed") == kind]
+        if rows:
+            series[f"{result.get('url', 'the server')} ({what})"] = rows
+    if not any(isinstance(r.get("output_tokens_per_s"), (int, float)) for r in runs):
+        raise UserError("nothing to draw: no run completed a request; see the table's errors")
+    fig, axes = results.figure(len(latencies), width=5.5)
+    plot_latency_throughput(series, axes, latencies)
+    lengths = result.get("max_tokens")
+    lengths = f"{lengths[0]}-{lengths[1]}" if isinstance(lengths, (list, tuple)) else lengths
+    fig.suptitle(f"load test: {result.get('requests_per_run', '?')} requests a run, max_tokens {lengths}, "
+                 f"output lengths {(result.get('length_control') or {}).get('how', '?')}", fontsize=10)
+    return results.save_png(fig, path)
+
+
 # ---------------------------------------------------------------------------- the command line
 
 def _list(cast):
@@ -669,6 +813,9 @@ def parser() -> Parser:
     p.add_argument("--no_check", action="store_true", help="skip the greedy reference check")
     p.add_argument("--json_out", default=None,
                    help="write the result (metric definitions, runs, per-request samples) to this JSON file")
+    p.add_argument("--plot", default=None, metavar="PNG",
+                   help="also draw latency against throughput (TTFT and TPOT p50 against output tokens/s, one "
+                        "point per concurrency or rate) as a PNG at this path")
     return p
 
 
@@ -676,6 +823,11 @@ def parser() -> Parser:
 def main(argv=None) -> int:
     a = parser().parse_args(argv)
     url = check_url(a.url)
+    if a.plot or a.json_out:   # before any request: a path that cannot be written fails now, not after the run
+        from .. import results
+
+        results.check_writable(a.json_out)
+        results.check_writable(a.plot, "--plot")
     slos = parse_goodput(a.goodput) if a.goodput else None
     prompts = None
     if a.prompts_file:
@@ -702,6 +854,8 @@ def main(argv=None) -> int:
         from .. import results
 
         results.write_json(a.json_out, res)
+    if a.plot:
+        print(f"saved {plot_result(res, a.plot)}")
     bad = sum(r["errors"] + r.get("mismatches", 0) for r in res["runs"])
     return 1 if bad else 0
 
