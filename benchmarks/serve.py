@@ -26,6 +26,14 @@ with --from it redraws a recorded file without running anything.
 * tp2: the same greedy requests to a TP=2 server on two CPU ranks: the same tokens as the
   Accelerate server (and its throughput at 1 and 16 clients).
 
+* peers (``--only peers``, not run by default): our server beside other engines' servers on the same
+  checkpoint (``bloomkit.serve.peers``: vLLM from ``.venv-vllm``, ``transformers serve
+  --continuous-batching``), one client and the same requests for all (standard OpenAI fields
+  only), the model's own prompts, at 1, 4 and 16 clients, both kinds of traffic, the servers taking
+  turns in every round; greedy answers compared with ours; each ratio through the comparison rule
+  over the rounds.  A peer that cannot serve the model is recorded with its reason.  Kept per
+  model under ``peers``:  ``python benchmarks/serve.py --only peers --name trained --rounds 5``.
+
 Every answer under load is checked against the answer its prompt got alone (``mismatches``).
 The metrics are vLLM ``bench serve``'s, by its definitions (numpy percentiles; the record's
 ``metric_definitions``), each run with its per-request samples; ``length_control`` says how output
@@ -175,6 +183,97 @@ def tp2(name: str, reference: dict | None = None) -> dict:
     return out
 
 
+PEER_RUNS = {1: 12, 4: 16, 16: 48}                 # concurrency -> requests per run, for the servers side by side
+
+
+def _same_text(a: str, b: str) -> bool:
+    """Two servers' greedy answers agree (a character cut in half at the end, U+FFFD, is not a difference:
+    one server streams it, another holds it back)."""
+    return a.rstrip("\ufffd") == b.rstrip("\ufffd")
+
+
+def peers(name: str = "trained", kinds=("vllm", "transformers"), rounds: int = 5, runs: dict | None = None) -> dict:
+    """Our server beside other engines' servers (``bloomkit.serve.peers``: vLLM where ``.venv-vllm``
+    exists, ``transformers serve --continuous-batching``) on the same checkpoint, measured by the same
+    client with the same requests: standard OpenAI fields only (``extensions="none"``, so no server is
+    asked for more than the API promises; greedy answers are equal, so are their lengths), the trained
+    model's own prompts, at 1, 4 and 16 clients, mixed lengths and one length, the servers taking turns
+    in every round.  A peer that cannot serve the model (vLLM's head sizes, transformers' BLOOM) is
+    recorded with its one-line reason.  Per peer and client count: our output tokens/s and TTFT p50
+    against the peer's, through :func:`bloomkit.measure.compare.compare_times` over the rounds (a
+    verdict needs 5)."""
+    from bloomkit import models
+    from bloomkit.prompts import model_prompts
+    from bloomkit.serve import peers as engines
+
+    runs = runs or PEER_RUNS
+    path = models.resolve_model(name)
+    prompts = model_prompts(path) or loadtest.DEFAULT_PROMPTS
+    out = {"model": name, "prompts": prompts, "extensions": "none", "runs_per_concurrency": runs,
+           "servers": {}, "refused": {}, "traffic": {}, "versions": sysinfo.versions()}
+    with contextlib.ExitStack() as stack:
+        t0 = time.perf_counter()
+        srvs = {"ours": stack.enter_context(Server(["--name", str(path)], ready_timeout=600))}
+        out["servers"]["ours"] = {"engine": "bloomkit (recipes/serve.py, Accelerate)", "start_s": time.perf_counter() - t0}
+        for kind in kinds:
+            try:
+                srvs[kind] = stack.enter_context(engines.Peer(kind, path))
+            except UserError as exc:
+                out["refused"][kind] = str(exc)
+                print(f"{kind}: {exc}", flush=True)
+                continue
+            out["servers"][kind] = srvs[kind].describe()
+        for t, mt in TRAFFIC.items():
+            answers = {s: asyncio.run(loadtest.reference(srv.url, prompts, mt, extensions="none"))
+                       for s, srv in srvs.items()}
+            out["traffic"][t] = {
+                "max_tokens": mt,
+                "same_answers_as_ours": {s: all(_same_text(a[p], answers["ours"][p]) for p in prompts)
+                                         for s, a in answers.items() if s != "ours"},
+                "expected": answers, **{s: {"max_tokens": mt, "rounds": []} for s in srvs}}
+        for k in range(rounds):
+            for t, mt in TRAFFIC.items():
+                for s, srv in srvs.items():
+                    expected = out["traffic"][t]["expected"][s]   # each server's own answers alone
+                    rows = []
+                    for c, n in runs.items():
+                        res = asyncio.run(loadtest.run_load(srv.url, prompts=prompts, max_tokens=mt, requests=n,
+                                                            concurrency=c, duration=600, extensions="none"))
+                        rows.append(loadtest.summarize(res, expected, {"arrivals": "fixed", "concurrency": c},
+                                                       loadtest.longest(mt)))
+                    out["traffic"][t][s]["rounds"].append(rows)
+                    print(f"round {k + 1} {t:>10} {s:>12}: " + ", ".join(
+                        f"C={r['concurrency']} {r['output_tokens_per_s']:.0f} tok/s TTFT p50 {r['ttft_p50_ms']:.0f} ms"
+                        for r in rows) + f", errors {sum(r['errors'] for r in rows)}, "
+                        f"mismatches {sum(r['mismatches'] for r in rows)}", flush=True)
+    out["ours_vs_peers"] = {}
+    for t, part in out["traffic"].items():
+        for s in srvs:
+            if s == "ours":
+                continue
+            for c in runs:
+                def per_round(server, key):
+                    return [next(r for r in rows if r["concurrency"] == c)[key] for rows in part[server]["rounds"]]
+                # time per output token (1 / throughput) and TTFT: lower is better, compared round by round
+                spt = {x: [1 / v for v in per_round(x, "output_tokens_per_s")] for x in ("ours", s)}
+                thr = compare.compare_times(spt["ours"], spt[s])
+                ttft = compare.compare_times(per_round("ours", "ttft_p50_ms"), per_round(s, "ttft_p50_ms"))
+                row = {"traffic": t, "peer": s, "concurrency": c,
+                       "output_tokens_per_s": {x: statistics.median(per_round(x, "output_tokens_per_s"))
+                                               for x in ("ours", s)},
+                       "ttft_p50_ms": {x: statistics.median(per_round(x, "ttft_p50_ms")) for x in ("ours", s)},
+                       "throughput": {"ours_over_peer": 1 / thr.ratio, "verdict": thr.verdict, "pairs": thr.pairs,
+                                      "sentence": thr.sentence("ours", s) + " per output token"},
+                       "ttft_p50": {"ours_over_peer": ttft.ratio, "verdict": ttft.verdict, "pairs": ttft.pairs,
+                                    "sentence": ttft.sentence("ours", s) + " to the first token"}}
+                out["ours_vs_peers"].setdefault(s, []).append(row)
+                print(f"{t}, {c} client(s): output tokens/s ours {row['output_tokens_per_s']['ours']:.0f}, {s} "
+                      f"{row['output_tokens_per_s'][s]:.0f} ({row['throughput']['sentence']}); TTFT p50 ours "
+                      f"{row['ttft_p50_ms']['ours']:.0f} ms, {s} {row['ttft_p50_ms'][s]:.0f} ms "
+                      f"({row['ttft_p50']['sentence']})", flush=True)
+    return out
+
+
 LATENCY_KEYS = [f"{k}_p{q}_ms" for k in loadtest.LATENCIES for q in loadtest.PERCENTILES]
 
 
@@ -259,9 +358,13 @@ def main(argv=None):
                    help="the result file; parts not run (--only) are kept from it (default: %(default)s)")
     p.add_argument("--name", default="small",
                    help="the model every server loads; larger ones take longer per step (default: %(default)s)")
-    p.add_argument("--only", nargs="*", choices=["accelerate", "burst", "tp2"], default=["accelerate", "burst", "tp2"],
-                   help="the parts to run; tp2 starts a server of two ranks, each holding half of the weights "
-                        "(default: all three)")
+    p.add_argument("--only", nargs="*", choices=["accelerate", "burst", "tp2", "peers"],
+                   default=["accelerate", "burst", "tp2"],
+                   help="the parts to run; tp2 starts a server of two ranks, each holding half of the weights; "
+                        "peers starts vLLM (make setup-vllm) and transformers serve beside ours on --name, "
+                        "kept per model under 'peers' (default: accelerate burst tp2)")
+    p.add_argument("--peers", nargs="*", default=["vllm", "transformers"],
+                   help="the engines of the peers part (bloomkit.serve.peers.PEERS) (default: %(default)s)")
     p.add_argument("--rounds", type=int, default=3,
                    help="alternating rounds of every run (ratio: their median); each round adds minutes "
                         "(default: %(default)s)")
@@ -277,14 +380,18 @@ def main(argv=None):
     out = {}
     if os.path.exists(args.out):   # --only: the other parts already there are kept
         out = json.loads(open(args.out).read())
-    out.update({"model": args.name, "hardware": sysinfo.hardware(), "load_average_before": os.getloadavg(),
+    out.update({"hardware": sysinfo.hardware(), "load_average_before": os.getloadavg(),
                 "metric_definitions": loadtest.METRIC_DEFINITIONS})
+    if set(args.only) - {"peers"}:   # the model of the accelerate/burst/tp2 parts (peers: one entry per model)
+        out["model"] = args.name
     if "accelerate" in args.only:
         out["accelerate"] = accelerate(args.name, args.server_args.split(), args.rounds)
     if "burst" in args.only:
         out["burst"] = burst(args.name)
     if "tp2" in args.only:
         out["tp2"] = tp2(args.name, out.get("accelerate", {}).get("expected", {}).get("one_length"))
+    if "peers" in args.only:
+        out.setdefault("peers", {})[args.name] = peers(args.name, args.peers, args.rounds)
     out["load_average_after"] = os.getloadavg()
     results.write_json(args.out, out)
     print(f"wrote {args.out}")

