@@ -29,7 +29,7 @@ with --from it redraws a recorded file without running anything.
 * peers (``--only peers``, not run by default): our server beside other engines' servers on the same
   checkpoint (``bloomkit.serve.peers``: vLLM from ``.venv-vllm``, ``transformers serve
   --continuous-batching``), one client and the same requests for all (standard OpenAI fields
-  only), the model's own prompts, at 1, 4 and 16 clients, both kinds of traffic, the servers taking
+  only), the model's own prompts, at 1, 4, 8 and 16 clients, both kinds of traffic, the servers taking
   turns in every round; greedy answers compared with ours; each ratio through the comparison rule
   over the rounds.  A peer that cannot serve the model is recorded with its reason.  Kept per
   model under ``peers``:  ``python benchmarks/serve.py --only peers --name trained --rounds 5``.
@@ -183,7 +183,7 @@ def tp2(name: str, reference: dict | None = None) -> dict:
     return out
 
 
-PEER_RUNS = {1: 12, 4: 16, 16: 48}                 # concurrency -> requests per run, for the servers side by side
+PEER_RUNS = {1: 12, 4: 16, 8: 32, 16: 48}               # concurrency -> requests per run, for the servers side by side
 
 
 def _same_text(a: str, b: str) -> bool:
@@ -197,7 +197,7 @@ def peers(name: str = "trained", kinds=("vllm", "transformers"), rounds: int = 5
     exists, ``transformers serve --continuous-batching``) on the same checkpoint, measured by the same
     client with the same requests: standard OpenAI fields only (``extensions="none"``, so no server is
     asked for more than the API promises; greedy answers are equal, so are their lengths), the trained
-    model's own prompts, at 1, 4 and 16 clients, mixed lengths and one length, the servers taking turns
+    model's own prompts, at 1, 4, 8 and 16 clients, mixed lengths and one length, the servers taking turns
     in every round.  A peer that cannot serve the model (vLLM's head sizes, transformers' BLOOM) is
     recorded with its one-line reason.  Per peer and client count: our output tokens/s and TTFT p50
     against the peer's, through :func:`bloomkit.measure.compare.compare_times` over the rounds (a
