@@ -1,5 +1,7 @@
 """The strategy benchmarks (benchmarks/strategies.py) on the tiny model: real launches, the
 numbers they derive are consistent with the records they read."""
+import time
+
 import pytest
 
 from bloomkit import microbench
@@ -63,10 +65,11 @@ def test_run_parts_keeps_the_parts_it_did_not_run(tmp_path, capsys):
     microbench.run_parts(parts, ["a", "b"], out, 1)
     microbench.run_parts(parts, ["b"], out, 5)         # only b again: a's result stays
     got = json.loads(out.read_text())
-    assert got["a"] == {"value": 1} and got["b"] == {"value": 10}
+    day = time.strftime("%Y-%m-%d")                    # each part says the day it was measured
+    assert got["a"] == {"value": 1, "measured_on": day} and got["b"] == {"value": 10, "measured_on": day}
     assert {"hardware", "versions"} <= set(got)
     microbench.run_parts(parts, ["a", "b"], out, 3)    # a full run starts over
-    assert json.loads(out.read_text())["a"] == {"value": 3}
+    assert json.loads(out.read_text())["a"] == {"value": 3, "measured_on": day}
     assert "b {" in capsys.readouterr().out
 
 
