@@ -240,7 +240,7 @@ def peers(name: str = "trained", kinds=("vllm", "transformers"), rounds: int = 5
                         res = asyncio.run(loadtest.run_load(srv.url, prompts=prompts, max_tokens=mt, requests=n,
                                                             concurrency=c, duration=600, extensions="none"))
                         rows.append(loadtest.summarize(res, expected, {"arrivals": "fixed", "concurrency": c},
-                                                       loadtest.longest(mt)))
+                                                       loadtest.longest(mt), samples=False))   # rows only: MBs else
                     out["traffic"][t][s]["rounds"].append(rows)
                     print(f"round {k + 1} {t:>10} {s:>12}: " + ", ".join(
                         f"C={r['concurrency']} {r['output_tokens_per_s']:.0f} tok/s TTFT p50 {r['ttft_p50_ms']:.0f} ms"
