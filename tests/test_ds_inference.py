@@ -41,7 +41,8 @@ def _assert_identical(ref, rec):
 @pytest.fixture(scope="module")
 def tp2_records():
     return launch.launch_records(RECIPE, ["--max_new_tokens", str(N_NEW), "--batch_size", f"1,{BS}",
-                                          "--compare_to", "one_process"], 2, timeout=600)
+                                          "--compare_to", "one_process", "--benchmark", "--cycles", "1"],
+                                 2, timeout=600)
 
 
 @pytest.fixture(scope="module")
@@ -168,6 +169,14 @@ def test_compare_to_one_process_times_pairs_in_turns(tp2_records):
     threads), timed in turns inside the launch; the same tokens in fp32; the waiting rank sleeps."""
     for rec in tp2_records:
         _check_comparison(rec)
+
+
+def test_every_ranks_peak_is_recorded(tp2_records):
+    """Each rank measures its own peak (load and timed generation); rank 0 writes them all."""
+    for rec in tp2_records:
+        gen, load = rec["peak_rss_bytes_per_rank"], rec["options"]["load_peak_rss_bytes_per_rank"]
+        assert len(gen) == len(load) == 2 and min(gen) > 0 and min(load) > 0, (gen, load)
+        assert gen[0] == rec["peak_rss_bytes"]
 
 
 def _check_comparison(rec):

@@ -18,6 +18,7 @@ def test_every_notebook_has_checks_for_both_models():
         mod = notebook_checks.module(stem)
         assert {"trained", ODD} <= set(mod.PARAMS), stem
         assert callable(mod.check) and mod.CLAIMS, stem
+        assert mod.PICTURES, f"{stem}: every lesson shows at least one picture (notebook_checks PICTURES)"
 
 
 @pytest.mark.notebooks
@@ -35,4 +36,5 @@ def test_notebook(stem, model, tmp_path):
     missing = [n for n in wanted if n not in run.claims]
     assert not missing, f"{stem} on {model} did not record {missing}; it recorded {sorted(run.claims)}"
     notebook_checks.generic(run)
+    notebook_checks.pictures(run, mod.PICTURES)
     mod.check(run)

@@ -4,34 +4,20 @@ rows, from the recorded benchmarks/results/serve-cpu.json (old rows without ever
 they lack them), by ``benchmarks/serve.py --plot --from`` without running anything, and the load test's
 ``--plot`` refuses a path it cannot write before it sends a request and draws a real run against the
 ``tiny`` server (the one test that starts a server: seconds)."""
-import importlib.util
 import json
 import subprocess
 import sys
 
 import pytest
 from matplotlib.container import ErrorbarContainer
-from PIL import Image
 
 from bloomkit import results
 from bloomkit.serve import loadtest
 from bloomkit.serve.proc import Server
 from conftest import ROOT
+from test_pictures import assert_png, script
 
 RECORDED = ROOT / "benchmarks" / "results" / "serve-cpu.json"
-
-
-def serve_script():
-    spec = importlib.util.spec_from_file_location("bench_serve_plot", ROOT / "benchmarks" / "serve.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def assert_png(path, min_side: int = 300) -> None:
-    with Image.open(path) as im:
-        assert im.format == "PNG" and min(im.size) >= min_side, (im.format, im.size)
-        assert len(im.getcolors(maxcolors=1 << 20) or range(1 << 20)) > 8, "an empty picture"
 
 
 def request(i: int, start: float, ttft: float, step: float, tokens: int = 8) -> dict:
@@ -99,7 +85,7 @@ def test_rows_without_spread_keys_draw_without_bars():
 
 def test_recorded_serving_file_draws_every_server_with_the_rounds_range(tmp_path):
     out = json.loads(RECORDED.read_text())
-    mod = serve_script()
+    mod = script("serve")
     parts = mod.series(out)
     assert set(parts) == {"lengths 16-48 (mixed)", "32 tokens each (one length)"}
     assert set(parts["32 tokens each (one length)"]) == {"accelerate/overlap", "accelerate/prefill_first", "tp2"}

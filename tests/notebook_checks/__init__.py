@@ -9,6 +9,8 @@ A module defines:
 * ``BUILD``: presets to generate before the notebook runs (outside its time);
 * ``TIMEOUT``: seconds for one execution;
 * ``CLAIMS``: ``{model: [names]}`` the notebook must record (``"*"``: for every model);
+* ``PICTURES``: pieces of source code, one per picture the notebook draws: the cell holding it must
+  show an image (``image/png``) when executed, for every model (:func:`pictures`);
 * ``check(run)``: assertions on the claims against the result records, with tolerances.
 
 Generic checks (every notebook, every model) are in :func:`generic`: a timing verdict agrees with
@@ -116,6 +118,16 @@ def generic(run: Run) -> None:
             assert compare_values(c["value"], c["reference"], c["resolution"]) == c["verdict"], name
         if c.get("sentence"):
             assert c["sentence"] in run.output_of(name), (name, c["sentence"])
+
+
+def pictures(run: Run, markers) -> None:
+    """Each marker (a piece of source code, e.g. ``"plot_ms_per_token("``) names a cell that draws:
+    it is there once, and its executed outputs hold a picture."""
+    for marker in markers:
+        cells = [c for c in run.code_cells if marker in "".join(c["source"])]
+        assert len(cells) == 1, f"{run.stem}: {len(cells)} cells hold {marker!r}; a picture marker names one cell"
+        assert any("image/png" in o.get("data", {}) for o in cells[0].get("outputs", [])), \
+            f"{run.stem} on {run.model}: the cell drawing with {marker!r} shows no picture (image/png)"
 
 
 def read(stem: str, model: str, records: list[dict], nb_path) -> Run:

@@ -7,6 +7,7 @@ from nbtools import ODD
 PARAMS = {"trained": None, ODD: {"MAX_NEW_TOKENS": 8}}
 BUILD = ()
 TIMEOUT = 300
+PICTURES = ('curve.plot(',)   # the cells that draw (each must show its picture)
 CLAIMS = {"*": ["bloom176b_params", "bloom176b_weight_bytes", "bloom176b_kv_bytes_per_token_bf16", "plan",
                 "fewest_gpus", "peak_prediction", "this_machine"]}
 

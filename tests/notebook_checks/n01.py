@@ -9,6 +9,7 @@ PARAMS = {"trained": None,
           ODD: {"BATCH_SIZES": [1, 4], "MAX_NEW_TOKENS": 8, "CYCLES": 1, "COMPILE": False}}
 BUILD = ("tiny", "tiny-llama")
 TIMEOUT = 600
+PICTURES = ('plot_ms_per_token(records',)   # the cells that draw (each must show its picture)
 SETUPS = ("in-memory", "compiled", "bf16", "disk-offload", "int8", "nf4")
 _COMMON = ["device_map_blocks", "load_seconds", "offload_extra_ms_per_step", "offload_step_batch", "batch_gain",
            "footprint_bytes", "second_maps", "fp32_identical", "offload_bs1", "bf16_bs1", "int8_bs1", "nf4_bs1"]

@@ -22,6 +22,7 @@ PARAMS = {"trained": {"LAUNCHER": "torchrun"},
           ODD: {"MAX_NEW_TOKENS": 8, "CYCLES": 1, "RUN_INT8": False, "COMPILE": False, "LAUNCHER": "torchrun"}}
 BUILD = ("tiny", "tiny-llama")
 TIMEOUT = 600
+PICTURES = ('plot_ms_per_token(timed',)   # the cells that draw (each must show its picture)
 _ALL = ["script_same_text", "start_to_ready_full", "start_to_ready_shards", "rank0_shapes_vs_plan", "linear_bytes_per_rank",
         "tp_fp32_identical", "tp_vs_one_process_bs1", "tp_vs_one_process_bs8", "second_fp32_identical",
         "second_rank0_shapes_vs_plan"]

@@ -12,6 +12,7 @@ PARAMS = {"trained": {"BATCH_SIZES": [1, 8], "MAX_NEW_TOKENS": 8, "CYCLES": 2},
           ODD: {"BATCH_SIZES": [1, 8], "MAX_NEW_TOKENS": 8, "CYCLES": 1}}
 BUILD = ("tiny", "tiny-llama")
 TIMEOUT = 600
+PICTURES = ('plot_ms_per_token(records',)   # the cells that draw (each must show its picture)
 CLAIMS = {"*": ["quant_group_size", "nvme_minus_cpu_bs1", "nvme_minus_cpu_bs8", "zero_none_vs_plain",
                 "zero_hooks_ms_per_token", "zero_none_tokens_identical", "zero_fp32_identical",
                 "unique_streams_ms_per_token"],

@@ -9,6 +9,7 @@ PARAMS = {"trained": {"CYCLES": 2, "MAX_NEW_TOKENS": 8},
           ODD: {"BATCH_SIZES": [1], "MAX_NEW_TOKENS": 4, "CYCLES": 2, "COMPILE": []}}
 BUILD = ()
 TIMEOUT = 600
+PICTURES = ('plot_ms_per_token(report.with_labels', 'roofline.plot(roof)')   # the cells that draw (each must show its picture)
 CLAIMS = {"*": ["ms_per_token accelerate fp32 bs1", "ms_per_token ds-inference tp=2 fp32 bs1",
                 "ms_per_token ds-zero fp32 cpu bs1", "start_to_ready accelerate fp32",
                 "start_to_ready ds-inference tp=2 fp32", "start_to_ready ds-zero fp32 cpu",

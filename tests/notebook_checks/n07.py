@@ -7,6 +7,7 @@ from nbtools import ODD
 PARAMS = {"trained": None, ODD: {"MAX_NEW_TOKENS": 8}}
 BUILD = ()
 TIMEOUT = 300
+PICTURES = ('ax[0].bar(names',)   # the cells that draw (each must show its picture)
 CLAIMS = {"*": ["identical_to_plain", "tokens_per_forward", "speed_prompt_lookup", "batch_vs_speculative"],
           "trained": ["speed_draft", "draft_step_cost", "draft_forwards_per_model_forward"]}
 

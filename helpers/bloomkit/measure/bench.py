@@ -126,6 +126,12 @@ def run_variant(*, strategy: str, name: str, load: Callable | None = None, path:
         records.append(results.make_record(**common, timing=timing, generation=gen, quality=qual))
     for r in records:   # imports, process group and load, from the process's own start
         r["process_start_to_ready_s"] = ready_after_start
+    if world_size > 1:  # a collective: every rank's own generation peak beside this rank's
+        from ..dist import gather
+
+        per_rank = gather([r.get("peak_rss_bytes") for r in records])
+        for i, r in enumerate(records):
+            r["peak_rss_bytes_per_rank"] = [p[i] if i < len(p) else None for p in per_rank]
     return records
 
 

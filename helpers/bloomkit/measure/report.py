@@ -120,8 +120,9 @@ def details_table(records):
         if r.get("process_start_to_ready_s") is not None:   # from the process's start: imports included
             row["start_to_ready_s"] = round(float(r["process_start_to_ready_s"]), 2)
         for key, col in (("peak_rss_bytes", "peak_rss_MiB"), ("cuda_max_allocated_bytes", "peak_gpu_MiB")):
-            if r.get(key):
-                row[col] = max(row[col] or 0, round(r[key] / 2**20, 1))
+            peaks = [p for p in (r.get(f"{key}_per_rank") or [r.get(key)]) if p]   # the highest rank's
+            if peaks:
+                row[col] = max(row[col] or 0, round(max(peaks) / 2**20, 1))
         q = r.get("quality") or {}
         if "identical" in q:
             row["identical"] = bool(q["identical"]) if row["identical"] is None else row["identical"] and q["identical"]
