@@ -33,6 +33,12 @@ with --from it redraws a recorded file without running anything.
   turns in every round; greedy answers compared with ours; each ratio through the comparison rule
   over the rounds.  A peer that cannot serve the model is recorded with its reason.  Kept per
   model under ``peers``:  ``python benchmarks/serve.py --only peers --name trained --rounds 5``.
+* guidellm (``--only guidellm``, not run by default): our server measured by a third-party client,
+  GuideLLM (``make setup-guidellm``), and by our load test in alternating rounds, the same synthetic
+  requests (GuideLLM's 32-token prompts asking for 32 tokens) at 1 and 8 in flight, both reports side
+  by side with their definitions, and tokens per sampling step from our server's ``/metrics`` around each
+  run.  Kept per model under ``guidellm``:  ``python benchmarks/serve.py --only guidellm --name trained
+  --rounds 3 --out benchmarks/results/serve-guidellm-cpu.json``.
 
 Every answer under load is checked against the answer its prompt got alone (``mismatches``).
 The metrics are vLLM ``bench serve``'s, by its definitions (numpy percentiles; the record's
@@ -46,7 +52,9 @@ import asyncio
 import contextlib
 import json
 import os
+import signal
 import statistics
+import sys
 import time
 
 from bloomkit import results, sysinfo
@@ -192,7 +200,8 @@ def _same_text(a: str, b: str) -> bool:
     return a.rstrip("\ufffd") == b.rstrip("\ufffd")
 
 
-def peers(name: str = "trained", kinds=("vllm", "transformers"), rounds: int = 5, runs: dict | None = None) -> dict:
+def peers(name: str = "trained", kinds=("vllm", "transformers"), rounds: int = 5, runs: dict | None = None,
+          tp: int = 1, server_args=()) -> dict:
     """Our server beside other engines' servers (``bloomkit.serve.peers``: vLLM where ``.venv-vllm``
     exists, ``transformers serve --continuous-batching``) on the same checkpoint, measured by the same
     client with the same requests: standard OpenAI fields only (``extensions="none"``, so no server is
@@ -201,7 +210,9 @@ def peers(name: str = "trained", kinds=("vllm", "transformers"), rounds: int = 5
     in every round.  A peer that cannot serve the model (vLLM's head sizes, transformers' BLOOM) is
     recorded with its one-line reason.  Per peer and client count: our output tokens/s and TTFT p50
     against the peer's, through :func:`bloomkit.measure.compare.compare_times` over the rounds (a
-    verdict needs 5)."""
+    verdict needs 5).  ``tp`` > 1: every server splits the model over that many ranks (ours: DeepSpeed
+    AutoTP on CPU ranks; vLLM: ``--tensor-parallel-size``; transformers serve has no TP and is refused).
+    ``server_args``: more flags for our server (e.g. ``--packed_prefill``), recorded with it."""
     from bloomkit import models
     from bloomkit.prompts import model_prompts
     from bloomkit.serve import peers as engines
@@ -209,15 +220,20 @@ def peers(name: str = "trained", kinds=("vllm", "transformers"), rounds: int = 5
     runs = runs or PEER_RUNS
     path = models.resolve_model(name)
     prompts = model_prompts(path) or loadtest.DEFAULT_PROMPTS
-    out = {"model": name, "prompts": prompts, "extensions": "none", "runs_per_concurrency": runs,
+    out = {"model": name, "measured_on": time.strftime("%Y-%m-%d"), "tp": tp, "server_args": list(server_args),
+           "prompts": prompts, "extensions": "none", "runs_per_concurrency": runs,
            "servers": {}, "refused": {}, "traffic": {}, "versions": sysinfo.versions()}
     with contextlib.ExitStack() as stack:
         t0 = time.perf_counter()
-        srvs = {"ours": stack.enter_context(Server(["--name", str(path)], ready_timeout=600))}
-        out["servers"]["ours"] = {"engine": "bloomkit (recipes/serve.py, Accelerate)", "start_s": time.perf_counter() - t0}
+        strategy = ["--strategy", "ds-inference"] if tp > 1 else []
+        srvs = {"ours": stack.enter_context(Server(["--name", str(path), *strategy, *server_args], nprocs=tp,
+                                                   ready_timeout=600))}
+        out["servers"]["ours"] = {"engine": "bloomkit (recipes/serve.py, " + (f"DeepSpeed AutoTP, {tp} ranks)" if tp > 1
+                                                                             else "Accelerate)"),
+                                  "start_s": time.perf_counter() - t0}
         for kind in kinds:
             try:
-                srvs[kind] = stack.enter_context(engines.Peer(kind, path))
+                srvs[kind] = stack.enter_context(engines.Peer(kind, path, tp=tp))
             except UserError as exc:
                 out["refused"][kind] = str(exc)
                 print(f"{kind}: {exc}", flush=True)
@@ -271,6 +287,149 @@ def peers(name: str = "trained", kinds=("vllm", "transformers"), rounds: int = 5
                       f"{row['output_tokens_per_s'][s]:.0f} ({row['throughput']['sentence']}); TTFT p50 ours "
                       f"{row['ttft_p50_ms']['ours']:.0f} ms, {s} {row['ttft_p50_ms'][s]:.0f} ms "
                       f"({row['ttft_p50']['sentence']})", flush=True)
+    return out
+
+
+GUIDELLM_RUNS = {1: 16, 8: 64}                          # streams -> requests per run, for GuideLLM and ours alike
+
+
+def _server_counters(srv: Server) -> dict:
+    """Our server's counters now (``/metrics``): generated tokens, sampling steps, requests served;
+    and the CPU seconds its processes have used."""
+    import httpx
+    import psutil
+
+    from bloomkit.serve.app import read_metrics
+
+    m = read_metrics(httpx.get(srv.url + "/metrics", timeout=30).text)
+    cpu = 0.0
+    for pid in srv.pids():
+        with contextlib.suppress(psutil.Error):
+            t = psutil.Process(pid).cpu_times()
+            cpu += t.user + t.system
+    return {"tokens": m.get("bloomkit_generation_tokens_total", 0.0), "steps": m.get("bloomkit_steps_total", 0.0),
+            "requests": sum(v for k, v in m.items() if k.startswith("bloomkit_requests_total")), "cpu_s": cpu}
+
+
+def _server_side(before: dict, after: dict, wall_s: float) -> dict:
+    """What our server did during one client's run of ``wall_s`` seconds (the client's measured
+    duration): its tokens, sampling steps (prefills and decode steps), requests and CPU seconds;
+    tokens per step (how many rows a step carried, on average), steps per second, and cores used
+    (CPU seconds over ``wall_s``; it idles outside the measured window)."""
+    d = {k: after[k] - before[k] for k in before}
+    return {**d, "tokens_per_step": d["tokens"] / d["steps"] if d["steps"] else None,
+            "steps_per_s": d["steps"] / wall_s if wall_s else None,
+            "cores_used": d["cpu_s"] / wall_s if wall_s else None}
+
+
+def _guidellm_row(summary: dict, sent: list[tuple[str, str]], expected: dict, concurrency: int) -> dict:
+    """One GuideLLM run as a row beside the load test's: the same keys where the definitions agree
+    (``output_tokens_per_s``; TTFT, TPOT and E2E p50/p90/p99 by vLLM's definitions, recomputed from
+    its per-request timings), its own summary under ``guidellm``, its answers checked against ours."""
+    checked = [(p, t) for p, t in sent if p in expected]
+    row = {"arrivals": "fixed", "concurrency": concurrency, "requests": summary["requests"]["total"],
+           "errors": summary["requests"]["errored"] + summary["requests"]["incomplete"],
+           "completed": summary["requests"]["successful"], "wall_s": summary["duration_s"],
+           "output_tokens_per_s": summary["output_tokens_per_s"], "requests_per_s": summary["requests_per_s"],
+           "output_tokens": summary["output_tokens"],
+           **{k: v for k, v in summary["vllm_definitions"].items() if k.endswith("_ms")},
+           "mismatches": sum(1 for p, t in checked if not _same_text(t, expected[p])),
+           "unchecked": len(sent) - len(checked), "guidellm": summary}
+    return row
+
+
+def guidellm_part(name: str = "trained", rounds: int = 3, runs: dict | None = None, prompt_tokens: int = 32,
+                  output_tokens: int = 32) -> dict:
+    """Our server measured by two clients in alternating rounds: GuideLLM (``bloomkit.serve.guidellm``,
+    from ``.venv-guidellm``) and our load test (``bloomkit.serve.loadtest``), with the same requests:
+    GuideLLM's synthetic prompts of ``prompt_tokens`` tokens (taken from a first GuideLLM run, which
+    also warms the server), each asking for ``output_tokens`` tokens with ``ignore_eos``, at 1 and 8
+    requests in flight (``runs``: streams -> requests), the clients taking turns (which goes first
+    alternates).  Both reports side by side, by their own definitions and by vLLM's; every answer
+    checked against the prompt's answer alone; our server's ``/metrics`` read around each run (tokens
+    per sampling step: how full each client kept the batch); per client count, our load test's output
+    tokens/s against GuideLLM's through :func:`bloomkit.measure.compare.compare_times` over the rounds."""
+    import tempfile
+    from pathlib import Path
+
+    from bloomkit.serve import guidellm as gl
+
+    if not gl.available():
+        raise UserError(f"the guidellm part needs GuideLLM in .venv-guidellm: run `{gl.SETUP}`")
+    runs = runs or GUIDELLM_RUNS
+    out = {"model": name, "dtype": "fp32", "measured_on": time.strftime("%Y-%m-%d"),
+           "prompt_tokens": prompt_tokens, "output_tokens": output_tokens, "runs_per_concurrency": runs,
+           "versions": {"ours": sysinfo.versions(), "guidellm": gl.versions()},
+           "clients": {"guidellm": {"definitions": gl.DEFINITIONS, "max_tokens": output_tokens, "rounds": []},
+                       "loadtest": {"definitions": loadtest.METRIC_DEFINITIONS, "max_tokens": output_tokens,
+                                    "rounds": []}}}
+    with tempfile.TemporaryDirectory(prefix="bloomkit-guidellm-") as tmp, \
+            Server(["--name", name, "--dtype", "fp32"], ready_timeout=600) as srv:
+        n, c = max(runs.values()), max(runs)
+        warm = gl.run_guidellm(srv.url, name, streams=c, requests=n, prompt_tokens=prompt_tokens,
+                               output_tokens=output_tokens, out_dir=Path(tmp) / "warm-up")
+        prompts = [p for p, _ in gl.answers(json.loads(Path(warm["report"]).read_text()))]
+        out["command"] = warm["command"].replace(str(Path(tmp) / "warm-up"), "OUT_DIR")
+        out["prompts"] = prompts
+        out["expected"] = expected = asyncio.run(loadtest.reference(srv.url, prompts, output_tokens))
+        out["length_control"] = asyncio.run(loadtest.length_control(srv.url)).record()
+        for k in range(rounds):
+            order = ("guidellm", "loadtest") if k % 2 == 0 else ("loadtest", "guidellm")
+            rows = {x: [] for x in order}
+            for c, n in runs.items():
+                for client in order:
+                    before = _server_counters(srv)
+                    if client == "guidellm":
+                        res = gl.run_guidellm(srv.url, name, streams=c, requests=n, prompt_tokens=prompt_tokens,
+                                              output_tokens=output_tokens, out_dir=Path(tmp) / f"r{k}-c{c}")
+                        sent = gl.answers(json.loads(Path(res["report"]).read_text()))
+                        row = _guidellm_row(res["runs"][0], sent, expected, c)
+                        row["same_prompts"] = set(p for p, _ in sent) <= set(prompts)
+                    else:
+                        res = asyncio.run(loadtest.run_load(srv.url, prompts=prompts, max_tokens=output_tokens,
+                                                            requests=n, concurrency=c, duration=600))
+                        row = loadtest.summarize(res, expected, {"arrivals": "fixed", "concurrency": c},
+                                                 output_tokens, samples=False)
+                    row["server"] = _server_side(before, _server_counters(srv), row["wall_s"])
+                    rows[client].append(row)
+            for client, rs in rows.items():
+                out["clients"][client]["rounds"].append(rs)
+                print(f"round {k + 1} {client:>9}: " + ", ".join(
+                    f"C={r['concurrency']} {r['output_tokens_per_s']:.0f} tok/s TTFT p50 {r['ttft_p50_ms']:.0f} ms "
+                    f"{r['server']['tokens_per_step']:.2f} tokens/step {r['server']['steps_per_s']:.0f} steps/s "
+                    f"{r['server']['cores_used']:.2f} cores" for r in rs)
+                    + f", errors {sum(r['errors'] for r in rs)}, mismatches {sum(r['mismatches'] for r in rs)}",
+                    flush=True)
+    out["loadtest_vs_guidellm"] = []
+    for c in runs:
+        def per_round(client, key):
+            return [next(r for r in rows if r["concurrency"] == c)[key] for rows in out["clients"][client]["rounds"]]
+        # time per output token (1 / throughput): lower is better, compared round by round
+        thr = compare.compare_times(*[[1 / v for v in per_round(x, "output_tokens_per_s")]
+                                      for x in ("loadtest", "guidellm")])
+        def server(client, key):
+            return statistics.median(next(r for r in rows if r["concurrency"] == c)["server"][key] or 0
+                                     for rows in out["clients"][client]["rounds"])
+        steps = {x: server(x, "tokens_per_step") for x in ("loadtest", "guidellm")}
+        row = {"concurrency": c,
+               "output_tokens_per_s": {x: statistics.median(per_round(x, "output_tokens_per_s"))
+                                       for x in ("loadtest", "guidellm")},
+               "ttft_p50_ms": {x: statistics.median(per_round(x, "ttft_p50_ms")) for x in ("loadtest", "guidellm")},
+               "tpot_p50_ms": {x: statistics.median(per_round(x, "tpot_p50_ms")) for x in ("loadtest", "guidellm")},
+               "tokens_per_step": steps,
+               "server_steps_per_s": {x: server(x, "steps_per_s") for x in ("loadtest", "guidellm")},
+               "server_cores_used": {x: server(x, "cores_used") for x in ("loadtest", "guidellm")},
+               "throughput": {"loadtest_over_guidellm": 1 / thr.ratio,
+                              "per_round": [a / b for a, b in zip(per_round("loadtest", "output_tokens_per_s"),
+                                                                  per_round("guidellm", "output_tokens_per_s"))],
+                              "verdict": thr.verdict, "pairs": thr.pairs,
+                              "sentence": thr.sentence("our load test", "GuideLLM") + " per output token"}}
+        out["loadtest_vs_guidellm"].append(row)
+        print(f"C={c}: output tokens/s measured by our load test {row['output_tokens_per_s']['loadtest']:.0f}, by "
+              f"GuideLLM {row['output_tokens_per_s']['guidellm']:.0f} ({row['throughput']['sentence']}); tokens "
+              f"per step {steps['loadtest']:.2f} vs {steps['guidellm']:.2f}, server steps/s "
+              f"{row['server_steps_per_s']['loadtest']:.0f} vs {row['server_steps_per_s']['guidellm']:.0f}; TTFT p50 "
+              f"{row['ttft_p50_ms']['loadtest']:.0f} vs {row['ttft_p50_ms']['guidellm']:.0f} ms", flush=True)
     return out
 
 
@@ -358,31 +517,41 @@ def main(argv=None):
                    help="the result file; parts not run (--only) are kept from it (default: %(default)s)")
     p.add_argument("--name", default="small",
                    help="the model every server loads; larger ones take longer per step (default: %(default)s)")
-    p.add_argument("--only", nargs="*", choices=["accelerate", "burst", "tp2", "peers"],
+    p.add_argument("--only", nargs="*", choices=["accelerate", "burst", "tp2", "peers", "guidellm"],
                    default=["accelerate", "burst", "tp2"],
                    help="the parts to run; tp2 starts a server of two ranks, each holding half of the weights; "
                         "peers starts vLLM (make setup-vllm) and transformers serve beside ours on --name, "
-                        "kept per model under 'peers' (default: accelerate burst tp2)")
+                        "kept per model under 'peers'; guidellm measures ours with GuideLLM (make setup-guidellm) "
+                        "and our load test in turns, kept per model under 'guidellm' (default: accelerate burst tp2)")
     p.add_argument("--peers", nargs="*", default=["vllm", "transformers"],
                    help="the engines of the peers part (bloomkit.serve.peers.PEERS) (default: %(default)s)")
+    p.add_argument("--tp", type=int, default=1,
+                   help="the peers part with every server split over this many ranks: ours on DeepSpeed AutoTP "
+                        "CPU ranks, vLLM with --tensor-parallel-size (a core per rank); transformers serve has no "
+                        "TP; kept under 'peers' as 'NAME tp=N' (default: %(default)s)")
     p.add_argument("--rounds", type=int, default=3,
                    help="alternating rounds of every run (ratio: their median); each round adds minutes "
                         "(default: %(default)s)")
     p.add_argument("--server_args", default="",
-                   help="more flags for recipes/serve.py, e.g. --server_args='--compile' (default: none)")
+                   help="more flags for recipes/serve.py, e.g. --server_args='--compile'; with --only peers, kept under "
+                        "'peers' as 'NAME FLAGS' (default: none)")
     results.add_plot_flags(p, "benchmarks/results/serve-cpu.json")
     args = p.parse_args(argv)
+    # stopped with SIGTERM (kill, a CI timeout): unwind, so every server started here is stopped too
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     recorded = results.check_plot_flags(args)
     if recorded is not None:
         print(f"saved {plot(recorded, args.plot)}")
         return
     results.check_writable(args.out, "--out")
+    if args.tp < 1 or (args.tp > 1 and "peers" not in args.only):
+        raise UserError(f"--tp {args.tp}: pass --tp 1 or more, with --only peers (the tp2 part has its own two ranks)")
     out = {}
     if os.path.exists(args.out):   # --only: the other parts already there are kept
         out = json.loads(open(args.out).read())
     out.update({"hardware": sysinfo.hardware(), "load_average_before": os.getloadavg(),
                 "metric_definitions": loadtest.METRIC_DEFINITIONS})
-    if set(args.only) - {"peers"}:   # the model of the accelerate/burst/tp2 parts (peers: one entry per model)
+    if set(args.only) - {"peers", "guidellm"}:   # the model of accelerate/burst/tp2 (peers, guidellm: per model)
         out["model"] = args.name
     if "accelerate" in args.only:
         out["accelerate"] = accelerate(args.name, args.server_args.split(), args.rounds)
@@ -391,7 +560,11 @@ def main(argv=None):
     if "tp2" in args.only:
         out["tp2"] = tp2(args.name, out.get("accelerate", {}).get("expected", {}).get("one_length"))
     if "peers" in args.only:
-        out.setdefault("peers", {})[args.name] = peers(args.name, args.peers, args.rounds)
+        key = " ".join([args.name, *([f"tp={args.tp}"] if args.tp > 1 else []), *args.server_args.split()])
+        out.setdefault("peers", {})[key] = peers(args.name, args.peers, args.rounds, tp=args.tp,
+                                                 server_args=args.server_args.split())
+    if "guidellm" in args.only:
+        out.setdefault("guidellm", {})[args.name] = guidellm_part(args.name, args.rounds)
     out["load_average_after"] = os.getloadavg()
     results.write_json(args.out, out)
     print(f"wrote {args.out}")

@@ -62,6 +62,10 @@ def parser():
                    help="prefill arriving requests in a second thread while the running rows decode, so "
                         "they need not wait for the step in flight (default: on where it can run: one "
                         "process on the CPU, eager, weights in place)")
+    g.add_argument("--packed_prefill", action="store_true",
+                   help="Llama-family models in one process: a step that admits requests prefills them in the "
+                        "running rows' decode forward (one pass over the weights for both) instead of a forward "
+                        "of their own; implies --no-overlap_prefill")
     g.add_argument("--kv_cache_memory", default=None,
                    help="KV-cache budget per rank, e.g. 2GiB; default: half of the free memory")
     g.add_argument("--served_model_name", default=None, help="the model id of the API (default: --name)")
@@ -87,6 +91,9 @@ def check_flags(args) -> None:
         raise UserError("--overlap_prefill runs one process's eager forward (--strategy accelerate without "
                         "--compile): with several ranks every step's collectives must stay in order, and the "
                         "compiled server measured faster prefilling first; drop it")
+    if args.packed_prefill and args.overlap_prefill:
+        raise UserError("--packed_prefill puts the prefill into the decode step, --overlap_prefill into a thread "
+                        "of its own; pick one")
     if len(args.batch_size) != 1:
         raise UserError("--batch_size is the most rows in the running batch here: one number, not a sweep")
     for strategy, flags in OWN.items():
@@ -179,6 +186,11 @@ def main(argv=None):
     if args.overlap_prefill and refusal:
         raise UserError(f"--overlap_prefill: {refusal}; drop it")
     overlap = refusal is None if args.overlap_prefill is None else args.overlap_prefill
+    if args.packed_prefill:
+        why = scheduler.packed_refusal(model, ranks=world, compile=args.compile)
+        if why:
+            raise UserError(f"--packed_prefill: {why}; drop it")
+        overlap = False
     engine = scheduler.Engine(
         model, tok, max_batch=args.batch_size[0], max_queue=args.max_queue,
         request_timeout=args.request_timeout,
@@ -186,6 +198,7 @@ def main(argv=None):
         kv_budget_bytes=kv_budget(args, setup.device), context_limit=checkpoint.context_limit(config),
         max_prefill_tokens=args.max_prefill_tokens, max_decode_skips=args.max_decode_skips,
         device=harness.input_device(model), compile=args.compile, overlap_prefill=overlap,
+        packed_prefill=args.packed_prefill,
         sync=None if world == 1 else ranks.Lockstep() if args.strategy == "ds-zero" else ranks.Broadcast())
     if args.compile:   # every rank compiles the same graphs before the first request
         t0 = time.perf_counter()
@@ -199,7 +212,7 @@ def main(argv=None):
     model_id = args.served_model_name or args.name
     app = serve_app.create_app(engine, tok, model_id, default_max_tokens=args.max_new_tokens)
     banner = (f"serving {model_id} ({args.strategy}, {setup.dtype}, {world} rank(s), rank {rank}"
-              f"{', prefill overlapped' if overlap else ''}) on "
+              f"{', prefill overlapped' if overlap else ''}{', prefill packed' if args.packed_prefill else ''}) on "
               f"http://{args.host}:{port}")
     code = serve_app.serve(app, engine, args.host, port, banner=banner)
     if code:

@@ -95,6 +95,9 @@ def test_metrics_parse_under_load_and_add_up(server):
     poller.start()
     try:
         usage = asyncio.run(load())
+        deadline = time.perf_counter() + 30   # a quick load may end before the third scrape: it comes after
+        while len(scrapes) < 3 and not failures and time.perf_counter() < deadline:
+            time.sleep(0.02)
     finally:
         stop.set()
         poller.join()

@@ -112,6 +112,44 @@ def test_overlap_prefill_only_where_it_can_run(tiny_model, tiny_tokenizer):
             Engine(tiny_model, tiny_tokenizer, overlap_prefill=True, **kw)
 
 
+def test_packed_prefill_equals_generate_and_runs_only_on_llama(tiny_model, tiny_tokenizer):
+    """``packed_prefill``: a step that admits prompts decodes the running rows and prefills the
+    prompts in one forward; rows joining and leaving one step apart still get ``generate``'s
+    greedy tokens (tiny-llama), and other models are refused with the reason."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from bloomkit.serve.scheduler import packed_refusal
+
+    assert "llama" in packed_refusal(tiny_model, ranks=1, compile=False)   # BLOOM: its own attention
+    with pytest.raises(ValueError):
+        Engine(tiny_model, tiny_tokenizer, packed_prefill=True)
+    path = models.resolve_model("tiny-llama")
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    tok = models.load_tokenizer(path)
+    assert packed_refusal(model, ranks=1, compile=False) is None
+    assert packed_refusal(model, ranks=2, compile=False) and packed_refusal(model, ranks=1, compile=True)
+    prompts, lengths = harness.make_prompts(6), [9, 3, 7, 1, 9, 5]
+    ref = [harness.generate(model, tok, [p], n).tokens[0] for p, n in zip(prompts, lengths)]
+    eng = Engine(model, tok, max_batch=3, packed_prefill=True)
+    packed, step = [], eng.batch.packed_step
+    eng.batch.packed_step = lambda *a: packed.append(1) or step(*a)
+    got = {}
+    for i, (p, n) in enumerate(zip(prompts, lengths)):
+        eng.submit(Request([tok(p)["input_ids"]], Params(max_tokens=n, temperature=0, ignore_eos=True),
+                           sink=lambda ev, i=i: got.setdefault(i, []).append(ev)))
+        eng._collect(0)
+        eng.step()
+    while eng.rows or eng.waiting:
+        eng._collect(0)
+        eng.step()
+    assert len(packed) >= 3   # admissions rode on decode steps
+    for i, r in enumerate(ref):
+        assert "".join(ev[2] for ev in got[i]) == tok.decode(r, skip_special_tokens=True), i
+    # the swapped attention implementation is sdpa for every ordinary forward
+    assert harness.generate(model, tok, [prompts[0]], 9).tokens[0] == ref[0]
+
+
 def test_engine_refuses_beyond_context_and_memory(tiny_model, tiny_tokenizer):
     eng = Engine(tiny_model, tiny_tokenizer, context_limit=64, kv_bytes_per_token=1024,
                  kv_budget_bytes=32 * 1024)

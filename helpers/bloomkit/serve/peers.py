@@ -29,6 +29,11 @@ it: the engine, its package and version, torch, the command, the start and warm-
 
 :func:`vllm_generate` runs vLLM's offline API (``LLM.generate``) in ``.venv-vllm``: the same
 engine without the server.
+
+:func:`refusal` says, without starting anything, why a peer cannot serve a model here (its
+environment missing, a head size or an attention it lacks); :func:`tree_usage` reads a running
+server's processes, threads and CPU seconds (notebook 06 sets the cores each server keeps busy
+beside its throughput).
 """
 from __future__ import annotations
 
@@ -219,8 +224,9 @@ def _transformers_check(peer: "Peer") -> None:
     from importlib.util import find_spec
 
     if find_spec("openai") is None:   # `transformers serve` imports it; this module does not
-        raise UserError("transformers serve needs the openai package; run `make setup` "
+        raise UserError("transformers serve needs the openai package; run `make setup` or pip install 'bloomkit[peers]' "
                         "(requirements.txt pins it)")
+    check_transformers_model(peer.model_dir, peer.name, peer.attn)   # BLOOM: refused before a start is spent
 
 
 PEERS: dict[str, PeerKind] = {
@@ -235,6 +241,92 @@ def available(kind: str) -> bool:
     """Whether ``kind``'s environment is there (``.venv-vllm`` for vLLM)."""
     py = PEERS[kind].python()
     return py.exists() and installed_version(py, PEERS[kind].packages) is not None
+
+
+def check_transformers_model(model_dir: Path, name: str = "", attn: str = "sdpa") -> None:
+    """Refuse, in one line, a model whose transformers class has no ``attn`` attention path:
+    ``transformers serve --continuous-batching --attn-implementation sdpa`` would fail while
+    loading it (BLOOM: ``BloomForCausalLM does not support an attention implementation through
+    torch.nn.functional.scaled_dot_product_attention yet``).  Read from the class, nothing loaded.
+
+    Args:
+        model_dir: the checkpoint.
+        name: how the user named it (for the message).
+        attn: the attention the peer is started with (only ``"sdpa"`` is checked).
+
+    Example:
+        >>> check_transformers_model(resolve_model("trained"), "trained")  # doctest: +SKIP
+        Traceback (most recent call last):
+        bloomkit.errors.UserError: transformers serve cannot serve trained: BloomForCausalLM ...
+    """
+    if attn != "sdpa":
+        return
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(AutoConfig.from_pretrained(model_dir))]
+    if not cls._supports_sdpa:
+        raise UserError(f"transformers serve cannot serve {name or model_dir}: {cls.__name__} has no sdpa attention "
+                        "in this transformers, and its continuous batching pages sdpa; use a Llama-family model "
+                        "(small-llama) for this peer")
+
+
+def refusal(kind: str, model: str | Path, tp: int = 1) -> str | None:
+    """Why ``kind``'s server cannot serve ``model`` on this machine, in one line, or None: its
+    environment is missing, or the engine refuses the model (vLLM's CPU head sizes:
+    :func:`check_vllm_head_dim`; transformers serve's attention: :func:`check_transformers_model`).
+    Found without starting anything, so a notebook or a benchmark spends no start on a refusal.
+
+    Example:
+        >>> refusal("vllm", "odd-llama")  # doctest: +SKIP
+        "vLLM's CPU attention does not support head_dim 16 (odd-llama); ..."
+    """
+    from types import SimpleNamespace
+
+    from ..models import resolve_model
+
+    if kind not in PEERS:
+        raise UserError(f"unknown peer {kind!r}; use one of {', '.join(PEERS)}")
+    spec = PEERS[kind]
+    if not available(kind):
+        return f"its environment is not installed here ({spec.python()}); `{spec.setup}` makes it"
+    try:
+        model_dir = resolve_model(str(model))
+        if kind == "vllm":
+            check_vllm_head_dim(model_dir, str(model), vllm_flavour())
+        else:
+            # tensor parallelism, the openai package, the model's attention
+            _transformers_check(SimpleNamespace(tp=tp, model_dir=model_dir, name=str(model), attn="sdpa"))
+    except UserError as exc:
+        return str(exc)
+    return None
+
+
+def tree_usage(server: Server) -> dict:
+    """A server's process tree now (the process it was started as and every process under it,
+    an engine's workers included): how many processes and threads, and the CPU seconds they have
+    used (user + system).  Two readings around a load run give the cores it kept busy:
+    ``(after["cpu_s"] - before["cpu_s"]) / wall seconds``.
+
+    Example:
+        >>> with Peer("vllm", "trained") as peer:  # doctest: +SKIP
+        ...     tree_usage(peer)
+        {'processes': 4, 'threads': 74, 'cpu_s': 63.2}
+    """
+    import psutil
+
+    procs = threads = 0
+    cpu = 0.0
+    for pid in server.pids():
+        try:
+            p = psutil.Process(pid)
+            with p.oneshot():
+                t = p.cpu_times()
+                n = p.num_threads()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue   # it ended between the listing and the reading
+        procs, threads, cpu = procs + 1, threads + n, cpu + t.user + t.system
+    return {"processes": procs, "threads": threads, "cpu_s": cpu}
 
 
 # ------------------------------------------------------------------------ the server

@@ -42,7 +42,11 @@ transformers 5.24 has its own continuous batching (``generate_batch`` /
 ``init_continuous_batching``), built on a *paged* cache and the attention-interface registry
 (``paged|sdpa``); BLOOM computes its ALiBi attention itself and does not go through that
 registry, and DeepSpeed's AutoTP replaces the layers that manager drives.  So this module keeps
-the plain ``DynamicCache`` path that BLOOM, Llama and AutoTP all run.
+the plain ``DynamicCache`` path that BLOOM, Llama and AutoTP all run.  One idea is taken from it
+for Llama-family models in one process (``packed_prefill``): the tokens of joining prompts are
+packed beside the running rows' tokens into one forward, so the linear layers — nearly all of a
+small model's step on a CPU — read their weights once for both; only attention is split
+(:func:`_packed_attention`, registered in transformers' attention registry).
 """
 from __future__ import annotations
 
@@ -66,6 +70,96 @@ class BadRequest(Exception):
 
 # ---------------------------------------------------------------------------- the batched cache
 
+# The attention implementation a packed step runs (:meth:`KVBatch.packed_step`): transformers' own
+# sdpa for every ordinary call, the packed split only when the step passes its plan
+PACKED_ATTENTION = "bloomkit_packed"
+PACKED_FAMILIES = ("llama",)   # RoPE from position_ids, attention through the registry, plain lm_head
+
+
+class _Pack:
+    """One packed step's layout: ``rows`` running rows (one token each, first), then ``lengths``
+    prompts' tokens back to back; ``width`` the longest prompt; the joining group's keys and
+    values per layer are left here by the attention function."""
+
+    def __init__(self, cache, rows: int, lengths: list[int], dec_mask, torch, device=None):
+        self.cache, self.rows, self.lengths = cache, rows, lengths
+        self.width = max(lengths)
+        self.dec_mask = dec_mask
+        w = self.width
+        self.idx = torch.tensor([j * w + w - n + t for j, n in enumerate(lengths) for t in range(n)], device=device)
+        self.group_mask = torch.tensor([[0] * (w - n) + [1] * n for n in lengths], device=device)
+        causal = torch.ones(w, w, dtype=torch.bool, device=device).tril()
+        self.pre_mask = causal[None, None] & self.group_mask.bool()[:, None, None, :]
+        self.keys: dict[int, object] = {}
+        self.values: dict[int, object] = {}
+
+
+def _packed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                      bloomkit_pack: _Pack | None = None, **kwargs):
+    """transformers' sdpa attention, except in a packed step: there the running rows' queries
+    attend to the batched cache (their new key appended, as :meth:`KVBatch.decode` does) and the
+    joining prompts' queries to their own left-padded prompt (as :meth:`KVBatch.prefill` does);
+    the linears before and after ran once for all of them."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if bloomkit_pack is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
+                                      dropout=dropout, **kwargs)
+    import torch
+
+    p, i, r = bloomkit_pack, module.layer_idx, bloomkit_pack.rows
+    outs = []
+    if r:
+        layer = p.cache.layers[i]
+        k, v = (x[0, :, :r].transpose(0, 1).unsqueeze(2) for x in (key, value))
+        layer.keys, layer.values = torch.cat([layer.keys, k], -2), torch.cat([layer.values, v], -2)
+        q = query[0, :, :r].transpose(0, 1).unsqueeze(2)
+        out, _ = sdpa_attention_forward(module, q, layer.keys, layer.values, p.dec_mask, scaling=scaling)
+        outs.append(out.reshape(1, r, *out.shape[2:]))
+    a, w = len(p.lengths), p.width
+
+    def grid(x):   # packed [1, heads, tokens, dim] -> left-padded [prompts, heads, width, dim]
+        g = x.new_zeros(x.shape[1], a * w, x.shape[-1])
+        g[:, p.idx] = x[0, :, r:]
+        return g.view(x.shape[1], a, w, x.shape[-1]).transpose(0, 1)
+
+    q, k, v = grid(query), grid(key), grid(value)
+    out, _ = sdpa_attention_forward(module, q, k, v, p.pre_mask, scaling=scaling)
+    outs.append(out.reshape(a * w, *out.shape[2:])[p.idx].unsqueeze(0))
+    p.keys[i], p.values[i] = k.contiguous(), v.contiguous()
+    return torch.cat(outs, 1), None
+
+
+def packed_refusal(model, *, ranks: int, compile: bool) -> str | None:
+    """Why the packed step cannot run here, or None when it can: a Llama-family model in one
+    process, eager, its attention through transformers' registry with sdpa.
+
+    Args:
+        model: the loaded model.
+        ranks: processes stepping together (tensor parallelism, ZeRO-3).
+        compile: whether the forward is compiled.
+
+    Example:
+        >>> packed_refusal(bloom, ranks=1, compile=False)   # doctest: +SKIP
+        "it needs a llama-family model (its attention through transformers' registry), not bloom"
+    """
+    config = getattr(model, "config", None)
+    if ranks > 1:
+        return "it runs in one process"
+    if compile:
+        return "the compiled forward has its own graphs"
+    if getattr(config, "model_type", None) not in PACKED_FAMILIES:
+        return (f"it needs a {'/'.join(PACKED_FAMILIES)}-family model (its attention through transformers' "
+                f"registry), not {getattr(config, 'model_type', type(model).__name__)}")
+    if getattr(config, "_attn_implementation", None) not in ("sdpa", PACKED_ATTENTION):
+        return f"it builds on sdpa attention, not {config._attn_implementation}"
+    places = {str(v) for v in (getattr(model, "hf_device_map", None) or {}).values()}
+    if len(places) > 1 or getattr(model, "hf_quantizer", None) is not None:
+        return "the model is offloaded or quantized"
+    return None
+
+
+
 class KVBatch:
     """The running batch's KV cache and attention mask, and the three operations a plan makes:
     :meth:`keep` (rows leave), :meth:`decode` (one new token per row) and :meth:`admit`
@@ -86,6 +180,18 @@ class KVBatch:
         self.cache = None
         self.mask = None                      # [rows, width] long: 1 real token, 0 left pad
         self._torch = torch
+        self.packed = False                   # enable_packed(): admissions ride on the decode step
+
+    def enable_packed(self) -> None:
+        """Run a step that admits prompts as *one* forward (:meth:`packed_step`): the model's
+        attention becomes :data:`PACKED_ATTENTION` (transformers' sdpa for every other call)."""
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+        AttentionInterface.register(PACKED_ATTENTION, _packed_attention)
+        AttentionMaskInterface.register(PACKED_ATTENTION, sdpa_mask)
+        self.model.set_attn_implementation(PACKED_ATTENTION)
+        self.packed = True
 
     @property
     def rows(self) -> int:
@@ -145,6 +251,37 @@ class KVBatch:
         cache = DynamicCache()
         return self._forward(ids, mask, cache), (cache, mask)
 
+    def packed_step(self, tokens: list[int], prompts: list[list[int]]):
+        """The running rows decode ``tokens`` and ``prompts`` are prefilled in one forward: their
+        tokens packed into one sequence, so every linear layer reads its weights once for both
+        (on a CPU a prefill of a few tokens otherwise costs about a whole decode step).  Attention
+        stays per part (:func:`_packed_attention`).  Returns (the running rows' logits or None,
+        the prompts' logits, their group for :meth:`merge`)."""
+        torch = self._torch
+        from transformers import DynamicCache
+
+        r = len(tokens)
+        pos = []
+        if r:
+            self.mask = torch.cat([self.mask, self.mask.new_ones(r, 1)], dim=1)
+            pos = (self.mask.sum(-1) - 1).tolist()
+        pack = _Pack(self.cache, r, [len(p) for p in prompts], self.mask.bool()[:, None, None, :] if r else None,
+                     torch, self.device)
+        ids = list(tokens) + [t for p in prompts for t in p]
+        pos += [t for p in prompts for t in range(len(p))]
+        last = list(range(r)) + list(itertools.accumulate(len(p) for p in prompts))
+        last[r:] = [r + n - 1 for n in last[r:]]
+        with torch.inference_mode():
+            hidden = self.model.model(
+                input_ids=torch.tensor([ids], device=self.device), position_ids=torch.tensor([pos], device=self.device),
+                attention_mask=torch.ones(1, 1, 1, 1, dtype=torch.bool, device=self.device), use_cache=False,
+                bloomkit_pack=pack).last_hidden_state
+            logits = self.model.lm_head(hidden[0, last]).float()
+        cache = DynamicCache()
+        for i in sorted(pack.keys):
+            cache.update(pack.keys[i], pack.values[i], i)
+        return (logits[:r] if r else None), logits[r:], (cache, pack.group_mask)
+
     def merge(self, group) -> None:
         """Append a prefilled group's rows: both caches padded on the left to the common width,
         then concatenated on the batch axis (one copy of the cache: the price of joining)."""
@@ -198,6 +335,12 @@ class KVBatch:
         their first token is out one step sooner (time to first token).  Returns the running
         rows' logits (or ``None``)."""
         self.keep(plan["keep"])
+        if self.packed and plan["admit"] and plan["feed"]:
+            out, logits, group = self.packed_step(plan["feed"], plan["admit"])
+            if early is not None:
+                early(logits)
+            self.merge(group)
+            return out
         group = None
         if plan["admit"]:
             logits, group = self.prefill(plan["admit"])
@@ -433,15 +576,25 @@ class Engine:
     ``batch.warm_up()`` on every rank before serving.  ``overlap_prefill``: joining requests
     are prefilled in a second thread while the running rows decode (one process only; see
     :func:`overlap_refusal`); ``max_decode_skips`` then does not apply, the running rows
-    decode every step; the prefill thread starts with :meth:`run`."""
+    decode every step; the prefill thread starts with :meth:`run`.  ``packed_prefill`` (a
+    Llama-family model in one process, eager, without ``overlap_prefill``; see
+    :func:`packed_refusal`): a step that admits prompts decodes the running rows *and* prefills
+    them in one forward (:meth:`KVBatch.packed_step`), so a few-token prefill no longer costs a
+    forward of its own; ``max_decode_skips`` then does not apply."""
 
     def __init__(self, model, tokenizer, *, max_batch: int = 32, max_queue: int = 256,
                  request_timeout: float = 300.0, kv_bytes_per_token: int = 0,
                  kv_budget_bytes: int | None = None, context_limit: int | None = None,
                  max_prefill_tokens: int = 4096, max_decode_skips: int = 1, sync=None, device=None,
-                 compile: bool = False, overlap_prefill: bool = False):
+                 compile: bool = False, overlap_prefill: bool = False, packed_prefill: bool = False):
         self.tok = tokenizer
         self.batch = KVBatch(model, tokenizer.pad_token_id, device, compile=compile)
+        if packed_prefill:
+            why = packed_refusal(model, ranks=1 if sync is None else 2, compile=compile) or \
+                ("the prefill thread runs its own forward" if overlap_prefill else None)
+            if why:
+                raise ValueError(f"packed_prefill: {why}")
+            self.batch.enable_packed()
         self.max_batch, self.max_queue = max_batch, max_queue
         self.request_timeout = request_timeout
         self.kv_per_token, self.kv_budget = kv_bytes_per_token, kv_budget_bytes
@@ -586,7 +739,7 @@ class Engine:
         # here (small, 16 clients, benchmarks/serve.py): with lengths drawn from 16-48 tokens, TTFT
         # p50 at 16 clients went from 4.1-4.2x one client's (0) to 3.1-3.5x (1) at the same
         # throughput; with one length for all (clients in lock-step) it changed nothing measurable.
-        if admit and stay and self._skips < self.max_decode_skips:
+        if admit and stay and self._skips < self.max_decode_skips and not self.batch.packed:
             feed = []
             self._skips += 1
         else:
