@@ -201,7 +201,7 @@ def _same_text(a: str, b: str) -> bool:
 
 
 def peers(name: str = "trained", kinds=("vllm", "transformers"), rounds: int = 5, runs: dict | None = None,
-          tp: int = 1, server_args=()) -> dict:
+          tp: int = 1, server_args=(), peer_args=()) -> dict:
     """Our server beside other engines' servers (``bloomkit.serve.peers``: vLLM where ``.venv-vllm``
     exists, ``transformers serve --continuous-batching``) on the same checkpoint, measured by the same
     client with the same requests: standard OpenAI fields only (``extensions="none"``, so no server is
@@ -212,7 +212,8 @@ def peers(name: str = "trained", kinds=("vllm", "transformers"), rounds: int = 5
     against the peer's, through :func:`bloomkit.measure.compare.compare_times` over the rounds (a
     verdict needs 5).  ``tp`` > 1: every server splits the model over that many ranks (ours: DeepSpeed
     AutoTP on CPU ranks; vLLM: ``--tensor-parallel-size``; transformers serve has no TP and is refused).
-    ``server_args``: more flags for our server (e.g. ``--packed_prefill``), recorded with it."""
+    ``server_args``: more flags for our server (e.g. ``--packed_prefill``), recorded with it;
+    ``peer_args``: more flags for every peer's server (e.g. ``--compile`` for ``transformers serve``)."""
     from bloomkit import models
     from bloomkit.prompts import model_prompts
     from bloomkit.serve import peers as engines
@@ -221,6 +222,7 @@ def peers(name: str = "trained", kinds=("vllm", "transformers"), rounds: int = 5
     path = models.resolve_model(name)
     prompts = model_prompts(path) or loadtest.DEFAULT_PROMPTS
     out = {"model": name, "measured_on": time.strftime("%Y-%m-%d"), "tp": tp, "server_args": list(server_args),
+           "peer_args": list(peer_args),
            "prompts": prompts, "extensions": "none", "runs_per_concurrency": runs,
            "servers": {}, "refused": {}, "traffic": {}, "versions": sysinfo.versions()}
     with contextlib.ExitStack() as stack:
@@ -233,7 +235,7 @@ def peers(name: str = "trained", kinds=("vllm", "transformers"), rounds: int = 5
                                   "start_s": time.perf_counter() - t0}
         for kind in kinds:
             try:
-                srvs[kind] = stack.enter_context(engines.Peer(kind, path, tp=tp))
+                srvs[kind] = stack.enter_context(engines.Peer(kind, path, tp=tp, extra_args=peer_args))
             except UserError as exc:
                 out["refused"][kind] = str(exc)
                 print(f"{kind}: {exc}", flush=True)
@@ -249,18 +251,13 @@ def peers(name: str = "trained", kinds=("vllm", "transformers"), rounds: int = 5
                 "expected": answers, **{s: {"max_tokens": mt, "rounds": []} for s in srvs}}
         for k in range(rounds):
             for t, mt in TRAFFIC.items():
-                for s, srv in srvs.items():
-                    expected = out["traffic"][t]["expected"][s]   # each server's own answers alone
-                    rows = []
-                    for c, n in runs.items():
-                        res = asyncio.run(loadtest.run_load(srv.url, prompts=prompts, max_tokens=mt, requests=n,
-                                                            concurrency=c, duration=600, extensions="none"))
-                        rows.append(loadtest.summarize(res, expected, {"arrivals": "fixed", "concurrency": c},
-                                                       loadtest.longest(mt), samples=False))   # rows only: MBs else
+                got = asyncio.run(engines.measure_round(srvs, prompts=prompts, max_tokens=mt, runs=runs,
+                                                        expected=out["traffic"][t]["expected"]))
+                for s, rows in got.items():   # rows only, no samples: MBs else
                     out["traffic"][t][s]["rounds"].append(rows)
                     print(f"round {k + 1} {t:>10} {s:>12}: " + ", ".join(
-                        f"C={r['concurrency']} {r['output_tokens_per_s']:.0f} tok/s TTFT p50 {r['ttft_p50_ms']:.0f} ms"
-                        for r in rows) + f", errors {sum(r['errors'] for r in rows)}, "
+                        f"C={r['concurrency']} {r['output_tokens_per_s']:.0f} tok/s TTFT p50 {r['ttft_p50_ms']:.0f} ms "
+                        f"{r['cores_busy']:.1f} cores" for r in rows) + f", errors {sum(r['errors'] for r in rows)}, "
                         f"mismatches {sum(r['mismatches'] for r in rows)}", flush=True)
     out["ours_vs_peers"] = {}
     for t, part in out["traffic"].items():
@@ -269,7 +266,7 @@ def peers(name: str = "trained", kinds=("vllm", "transformers"), rounds: int = 5
                 continue
             for c in runs:
                 def per_round(server, key):
-                    return [next(r for r in rows if r["concurrency"] == c)[key] for rows in part[server]["rounds"]]
+                    return loadtest.per_round(part[server]["rounds"], c, key)
                 # time per output token (1 / throughput) and TTFT: lower is better, compared round by round
                 spt = {x: [1 / v for v in per_round(x, "output_tokens_per_s")] for x in ("ours", s)}
                 thr = compare.compare_times(spt["ours"], spt[s])
@@ -433,32 +430,6 @@ def guidellm_part(name: str = "trained", rounds: int = 3, runs: dict | None = No
     return out
 
 
-LATENCY_KEYS = [f"{k}_p{q}_ms" for k in loadtest.LATENCIES for q in loadtest.PERCENTILES]
-
-
-def median_rows(rounds: list[list[dict]]) -> list[dict]:
-    """One row per client count from the rounds of a part: the median over the rounds of its
-    throughput and latencies, with the rounds' range of throughput and of each p50
-    (``output_tokens_per_s_range``, ``{key}_p50_ms_range``: the picture's error bars).  Keys an
-    older record lacks are left out."""
-    by: dict = {}
-    for rows in rounds:
-        for r in rows:
-            if isinstance(r, dict) and isinstance(r.get("output_tokens_per_s"), (int, float)):
-                by.setdefault((r.get("arrivals", "fixed"), r.get("concurrency"), r.get("rate")), []).append(r)
-    out = []
-    for (arrivals, c, rate), rs in by.items():
-        row = {"arrivals": arrivals, "concurrency": c, "rate": rate, "rounds": len(rs)}
-        for key in ("output_tokens_per_s", "requests_per_s", *LATENCY_KEYS):
-            vals = [r[key] for r in rs if isinstance(r.get(key), (int, float))]
-            if vals:
-                row[key] = statistics.median(vals)
-                if key == "output_tokens_per_s" or key.endswith("_p50_ms"):
-                    row[f"{key}_range"] = (min(vals), max(vals))
-        out.append(row)
-    return out
-
-
 def traffic_name(max_tokens) -> str:
     """A part's traffic, named by its ``max_tokens``: a range drawn per request, or one length."""
     if isinstance(max_tokens, (list, tuple)) and len(max_tokens) == 2:
@@ -468,16 +439,16 @@ def traffic_name(max_tokens) -> str:
 
 def series(out: dict) -> dict[str, dict[str, list[dict]]]:
     """Every server's load-test rows in a result of this script, by traffic: ``{traffic: {server:
-    rows}}``.  A part with ``rounds`` gives :func:`median_rows`, one with ``runs`` its rows; a server
-    is named by its path in the JSON (``accelerate/overlap``, ``tp2``), so a new part is drawn as one
-    more line."""
+    rows}}``.  A part with ``rounds`` gives :func:`bloomkit.serve.loadtest.median_rows`, one with
+    ``runs`` its rows; a server is named by its path in the JSON (``accelerate/overlap``, ``tp2``),
+    so a new part is drawn as one more line."""
     found: dict[str, dict[str, list[dict]]] = {}
 
     def visit(node, path):
         if not isinstance(node, dict):
             return
         if isinstance(node.get("rounds"), list) and node["rounds"]:
-            rows = median_rows(node["rounds"])
+            rows = loadtest.median_rows(node["rounds"])
         elif isinstance(node.get("runs"), list) and node["runs"]:
             rows = [r for r in node["runs"] if isinstance(r, dict) and "output_tokens_per_s" in r]
         else:
@@ -535,6 +506,10 @@ def main(argv=None):
     p.add_argument("--server_args", default="",
                    help="more flags for recipes/serve.py, e.g. --server_args='--compile'; with --only peers, kept under "
                         "'peers' as 'NAME FLAGS' (default: none)")
+    p.add_argument("--peer_args", default="",
+                   help="with --only peers, more flags for every peer's server, e.g. --peer_args='--compile' "
+                        "(transformers serve's own torch.compile); kept under 'peers' as 'NAME FLAGS, peers "
+                        "FLAGS' (default: none)")
     results.add_plot_flags(p, "benchmarks/results/serve-cpu.json")
     args = p.parse_args(argv)
     # stopped with SIGTERM (kill, a CI timeout): unwind, so every server started here is stopped too
@@ -544,6 +519,8 @@ def main(argv=None):
         print(f"saved {plot(recorded, args.plot)}")
         return
     results.check_writable(args.out, "--out")
+    if args.peer_args.strip() and "peers" not in args.only:
+        raise UserError("--peer_args are the peers' flags: pass them with --only peers")
     if args.tp < 1 or (args.tp > 1 and "peers" not in args.only):
         raise UserError(f"--tp {args.tp}: pass --tp 1 or more, with --only peers (the tp2 part has its own two ranks)")
     out = {}
@@ -561,8 +538,10 @@ def main(argv=None):
         out["tp2"] = tp2(args.name, out.get("accelerate", {}).get("expected", {}).get("one_length"))
     if "peers" in args.only:
         key = " ".join([args.name, *([f"tp={args.tp}"] if args.tp > 1 else []), *args.server_args.split()])
+        key += f", peers {args.peer_args.strip()}" if args.peer_args.strip() else ""
         out.setdefault("peers", {})[key] = peers(args.name, args.peers, args.rounds, tp=args.tp,
-                                                 server_args=args.server_args.split())
+                                                 server_args=args.server_args.split(),
+                                                 peer_args=args.peer_args.split())
     if "guidellm" in args.only:
         out.setdefault("guidellm", {})[args.name] = guidellm_part(args.name, args.rounds)
     out["load_average_after"] = os.getloadavg()

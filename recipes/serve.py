@@ -91,6 +91,8 @@ def check_flags(args) -> None:
         raise UserError("--overlap_prefill runs one process's eager forward (--strategy accelerate without "
                         "--compile): with several ranks every step's collectives must stay in order, and the "
                         "compiled server measured faster prefilling first; drop it")
+    if args.packed_prefill and args.strategy != "accelerate":
+        raise UserError(f"--packed_prefill runs in one process (--strategy accelerate), not {args.strategy}; drop it")
     if args.packed_prefill and args.overlap_prefill:
         raise UserError("--packed_prefill puts the prefill into the decode step, --overlap_prefill into a thread "
                         "of its own; pick one")
@@ -138,6 +140,10 @@ def load(args):
     if args.strategy == "accelerate":
         setup = accel.prepare(args)
         check_port(args.host, args.port)
+        if args.packed_prefill:   # the family from the config, before a big checkpoint loads
+            why = scheduler.packed_config_refusal(models.load_config(setup.path), ranks=1, compile=args.compile)
+            if why:
+                raise UserError(f"--packed_prefill: {why}; drop it")
         model = accel.load(setup)
         if args.compile:
             harness.check_compilable(model)   # offloaded or quantized: one line

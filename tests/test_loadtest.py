@@ -233,3 +233,43 @@ def test_transformers_serve_gets_standard_fields_only_and_equals_ours():
     # the same tokens: ours streams a character cut in half at the end as U+FFFD, transformers
     # holds it back (the comparison rule of loadtest.matches)
     assert {p: t.rstrip("\ufffd") for p, t in ours.items()} == theirs
+
+
+def test_median_rows_take_the_rounds_median_range_and_tokens_per_event():
+    def row(c, tps, ttft, out, itl_n, done, busy):
+        return {"concurrency": c, "output_tokens_per_s": tps, "ttft_p50_ms": ttft, "output_tokens": out,
+                "itl_n": itl_n, "completed": done, "cores_busy": busy}
+    rounds = [[row(1, 10.0, 5.0, 40, 36, 4, 1.0), row(8, 50.0, 9.0, 80, 60, 10, 1.8)],
+              [row(1, 14.0, 7.0, 40, 36, 4, 1.2), row(8, 40.0, 8.0, 80, 50, 10, 1.6)],
+              [row(1, 12.0, 6.0, 40, 36, 4, 1.1), row(8, 60.0, 7.0, 80, 60, 10, 2.0)]]
+    one, many = loadtest.median_rows(rounds)
+    assert (one["concurrency"], one["rounds"], many["concurrency"]) == (1, 3, 8)
+    assert one["output_tokens_per_s"] == 12.0 and one["output_tokens_per_s_range"] == (10.0, 14.0)
+    assert one["ttft_p50_ms"] == 6.0 and one["ttft_p50_ms_range"] == (5.0, 7.0)
+    assert one["cores_busy"] == pytest.approx(1.1) and many["cores_busy"] == pytest.approx(1.8)
+    assert one["tokens_per_event"] == 1.0                        # one token per chunk
+    assert many["tokens_per_event"] == pytest.approx(240 / 200)   # 240 tokens in 3 * 10 first chunks + 170 gaps
+    assert loadtest.per_round(rounds, 8, "output_tokens_per_s") == [50.0, 40.0, 60.0]
+
+
+def test_a_round_of_servers_taking_turns_reads_their_cores():
+    """``peers.measure_round``: each server in turn at each client count, its rows checked against
+    its own answers, with the CPU seconds its process tree used and the cores it kept busy."""
+    from bloomkit.serve import peers
+
+    prompts = loadtest.DEFAULT_PROMPTS[:3]
+    with Server(["--name", "tiny"]) as srv:
+        alone = asyncio.run(loadtest.reference(srv.url, prompts, 4, extensions="none"))
+        rounds = [asyncio.run(peers.measure_round({"a": srv, "b": srv}, prompts=prompts, max_tokens=4,
+                                                  runs={1: 3, 3: 6}, expected={"a": alone, "b": alone}))
+                  for _ in range(2)]
+    for got in rounds:
+        assert list(got) == ["a", "b"]
+        for rows in got.values():
+            assert [r["concurrency"] for r in rows] == [1, 3]
+            for r in rows:
+                assert r["errors"] == 0 and r["mismatches"] == 0 and "samples" not in r
+                assert r["cpu_s"] > 0 and 0 < r["cores_busy"] <= os.cpu_count() + 0.5
+    med = loadtest.median_rows([got["a"] for got in rounds])
+    assert [r["concurrency"] for r in med] == [1, 3] and all(r["rounds"] == 2 for r in med)
+    assert all(r["tokens_per_event"] >= 1 and r["cores_busy"] > 0 for r in med)

@@ -367,6 +367,10 @@ def test_recipe_refuses_bad_flags_in_one_line():
     assert_one_line_error(proc, "--compile", "ZeRO")
     proc = run_script(["recipes/serve.py", "--strategy", "ds-inference", "--overlap_prefill"], timeout=120)
     assert_one_line_error(proc, "--overlap_prefill", "collectives")
+    proc = run_script(["recipes/serve.py", "--strategy", "ds-inference", "--packed_prefill"], timeout=120)
+    assert_one_line_error(proc, "--packed_prefill", "one process")
+    proc = run_script(["recipes/serve.py", "--name", "tiny", "--packed_prefill"], timeout=120)
+    assert_one_line_error(proc, "--packed_prefill", "llama-family", "not bloom")   # from the config, before the load
 
 
 def _graphs(url: str) -> int:

@@ -112,6 +112,11 @@ def check_peers(run):
     if not_here:   # the record stands in, named with its file, day and machine
         assert re.search(r"Recorded in benchmarks/results/serve-peers-cpu\.json on \d{4}-\d\d-\d\d, .+ CPU, \d+ cores "
                          r"\(not measured in this run\)", text), "the record is not named with its day and machine"
+    # the record's runs with other flags (ours --compile, --packed_prefill, TP; a peer's own --compile), each dated
+    others = re.findall(r"^(small-llama|trained)\b[^:\n]*: measured on \d{4}-\d\d-\d\d; ours ready after \d+ s$", text, re.M)
+    assert len(others) >= 3, others
+    assert re.search(r"small-llama --compile\s+transformers --compile\s+one_length\s+16\s+[\d.]+", text), \
+        "the record of both servers compiled is not shown"
     # the path beyond: vLLM's server with tensor parallelism for this model, and the load test that measures it
     assert re.search(r"python -m vllm\.entrypoints\.openai\.api_server --model \S+ .*\n\s+--tensor-parallel-size [12] "
                      r"--dtype bfloat16", text), "the vLLM command with tensor parallelism is not printed"

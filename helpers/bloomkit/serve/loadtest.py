@@ -51,6 +51,7 @@ import argparse
 import asyncio
 import json
 import random
+import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -498,6 +499,54 @@ def summarize(results: list[dict], expected: dict | None = None, label: dict | N
     if samples:
         row["samples"] = [sample(r, expected, reference_tokens) for r in results]
     return row
+
+
+LATENCY_KEYS = [f"{k}_p{q}_ms" for k in LATENCIES for q in PERCENTILES]
+
+
+def median_rows(rounds: Sequence[Sequence[dict]]) -> list[dict]:
+    """One row per load point (client count or rate) from the rounds of a measurement, each round a
+    list of :func:`summarize` rows: the median over the rounds of throughput, every latency
+    percentile and ``cores_busy`` (where the rows have it), with the rounds' range of throughput
+    and of each p50 (``output_tokens_per_s_range``, ``{key}_p50_ms_range``: a picture's error
+    bars), and ``tokens_per_event``: output tokens per streamed event (a request's first chunk and
+    each gap after it) over all rounds.  Keys an older record lacks are left out.
+
+    Example:
+        >>> row = {"concurrency": 1, "output_tokens_per_s": 10.0, "ttft_p50_ms": 5.0}
+        >>> median_rows([[row], [{**row, "output_tokens_per_s": 12.0}], [{**row, "output_tokens_per_s": 20.0}]])[0]
+        {'arrivals': 'fixed', 'concurrency': 1, 'rate': None, 'rounds': 3, 'output_tokens_per_s': 12.0, 'output_tokens_per_s_range': (10.0, 20.0), 'ttft_p50_ms': 5.0, 'ttft_p50_ms_range': (5.0, 5.0)}
+    """
+    by: dict = {}
+    for rows in rounds:
+        for r in rows:
+            if isinstance(r, dict) and isinstance(r.get("output_tokens_per_s"), (int, float)):
+                by.setdefault((r.get("arrivals", "fixed"), r.get("concurrency"), r.get("rate")), []).append(r)
+    out = []
+    for (arrivals, c, rate), rs in by.items():
+        row = {"arrivals": arrivals, "concurrency": c, "rate": rate, "rounds": len(rs)}
+        for key in ("output_tokens_per_s", "requests_per_s", *LATENCY_KEYS, "cores_busy"):
+            vals = [r[key] for r in rs if isinstance(r.get(key), (int, float))]
+            if vals:
+                row[key] = statistics.median(vals)
+                if key == "output_tokens_per_s" or key.endswith("_p50_ms"):
+                    row[f"{key}_range"] = (min(vals), max(vals))
+        if all(isinstance(r.get(k), int) for r in rs for k in ("completed", "itl_n", "output_tokens")):
+            events = sum(r["completed"] + r["itl_n"] for r in rs)
+            if events:
+                row["tokens_per_event"] = sum(r["output_tokens"] for r in rs) / events
+        out.append(row)
+    return out
+
+
+def per_round(rounds: Sequence[Sequence[dict]], concurrency: int, key: str) -> list:
+    """``key`` of the row at ``concurrency`` clients in every round (the pairs a comparison takes).
+
+    Example:
+        >>> per_round([[{"concurrency": 1, "x": 1}, {"concurrency": 8, "x": 2}], [{"concurrency": 8, "x": 3}]], 8, "x")
+        [2, 3]
+    """
+    return [r[key] for rows in rounds for r in rows if r.get("concurrency") == concurrency]
 
 
 def matches(expected: str | None, r: dict, reference_tokens: int | None = None) -> bool:

@@ -329,6 +329,62 @@ def tree_usage(server: Server) -> dict:
     return {"processes": procs, "threads": threads, "cpu_s": cpu}
 
 
+async def measure_round(servers: dict[str, Server], *, prompts: list[str], max_tokens, runs: dict[int, int],
+                        expected: dict[str, dict], samples: bool = False) -> dict[str, list[dict]]:
+    """One round of servers taking turns: each server in turn, at each client count of ``runs``
+    (clients -> requests), one closed-loop :func:`~.loadtest.run_load` with the OpenAI API's own
+    fields only (``extensions="none"``), its row from :func:`~.loadtest.summarize` checked against
+    that server's own answers alone, and :func:`tree_usage` read around it: ``cpu_s`` (the CPU
+    seconds its processes used) and ``cores_busy`` (those ÷ the run's wall seconds).  Rounds
+    repeated and put through :func:`~.loadtest.median_rows` give the medians and their range;
+    :func:`~.loadtest.per_round` gives the pairs a verdict compares.
+
+    Args:
+        servers: name -> a running server (ours, a :class:`Peer`), measured in this order.
+        prompts: the prompts, cycled over the requests.
+        max_tokens: each request's ``max_tokens``, or ``(lo, hi)`` drawn per request.
+        runs: client count -> requests in that run.
+        expected: name -> that server's answers alone (:func:`~.loadtest.reference`).
+        samples: keep each request's sample in the rows (megabytes over many rounds).
+
+    Returns:
+        name -> one row per client count, in the order of ``runs``.
+
+    Example:
+        >>> with Server(["--name", "tiny"]) as ours:  # doctest: +SKIP
+        ...     alone = asyncio.run(loadtest.reference(ours.url, prompts, 16, extensions="none"))
+        ...     rows = asyncio.run(measure_round({"ours": ours}, prompts=prompts, max_tokens=16,
+        ...                                      runs={1: 8, 8: 16}, expected={"ours": alone}))
+    """
+    from . import loadtest
+
+    out = {}
+    for name, srv in servers.items():
+        out[name] = []
+        for c, n in runs.items():
+            u0, t0 = tree_usage(srv), time.perf_counter()
+            res = await loadtest.run_load(srv.url, prompts=prompts, max_tokens=max_tokens, requests=n,
+                                          concurrency=c, duration=600, extensions="none")
+            u1, wall = tree_usage(srv), time.perf_counter() - t0
+            row = loadtest.summarize(res, expected[name], {"arrivals": "fixed", "concurrency": c},
+                                     loadtest.longest(max_tokens), samples=samples)
+            row["cpu_s"] = u1["cpu_s"] - u0["cpu_s"]
+            row["cores_busy"] = row["cpu_s"] / wall
+            out[name].append(row)
+    return out
+
+
+def recorded_day(part: dict, path: str | Path) -> str:
+    """The day a recorded part of ``path`` was measured: its own ``measured_on``, else the day git
+    last committed the file (older parts have no date of their own)."""
+    if part.get("measured_on"):
+        return part["measured_on"]
+    path = Path(path)
+    got = subprocess.run(["git", "log", "-1", "--format=%cs", "--", path.name], capture_output=True, text=True,
+                         cwd=path.parent)
+    return got.stdout.strip() or "an unrecorded day"
+
+
 # ------------------------------------------------------------------------ the server
 
 class Peer(Server):

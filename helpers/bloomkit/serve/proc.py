@@ -53,7 +53,8 @@ class Server:
         self.args, self.nprocs, self.launcher = list(args), nprocs, launcher
         self.env, self.device, self.ready_timeout = env or {}, device, ready_timeout
         zero_ranks = "ds-zero" in self.args and nprocs > 1
-        self.port = free_ports(ports or (nprocs if zero_ranks else 1))
+        self.n_ports = ports or (nprocs if zero_ranks else 1)
+        self.port = free_ports(self.n_ports)
         self.master_port = free_port()
         self.proc: subprocess.Popen | None = None
         self._log = tempfile.NamedTemporaryFile("w+", prefix="bloomkit-serve-", suffix=".log", delete=False)
@@ -82,13 +83,17 @@ class Server:
         import httpx
 
         t0 = time.monotonic()
+        waiting = [self.port + i for i in range(self.n_ports)]  # ZeRO: every rank serves its own port
         while time.monotonic() - t0 < self.ready_timeout:
             if self.proc.poll() is not None:
                 raise UserError(f"the server exited with {self.proc.returncode} before it was ready: "
                                 f"{self.log_tail()}")
             try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return self
+                if httpx.get(f"http://127.0.0.1:{waiting[0]}/health", timeout=2).status_code == 200:
+                    waiting.pop(0)
+                    if not waiting:
+                        return self
+                    continue
             except httpx.HTTPError:
                 pass
             time.sleep(0.25)

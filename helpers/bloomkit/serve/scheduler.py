@@ -130,9 +130,31 @@ def _packed_attention(module, query, key, value, attention_mask, scaling=None, d
     return torch.cat(outs, 1), None
 
 
+def packed_config_refusal(config, *, ranks: int, compile: bool) -> str | None:
+    """What :func:`packed_refusal` can say from the config alone, before a model is loaded: the
+    family, one process, eager (a big checkpoint is refused in a second, not after its load).
+
+    Example:
+        >>> from transformers import BloomConfig, LlamaConfig
+        >>> packed_config_refusal(BloomConfig(), ranks=1, compile=False)
+        "it needs a llama-family model (its attention through transformers' registry), not bloom"
+        >>> packed_config_refusal(LlamaConfig(), ranks=1, compile=False) is None
+        True
+    """
+    if ranks > 1:
+        return "it runs in one process"
+    if compile:
+        return "the compiled forward has its own graphs"
+    if getattr(config, "model_type", None) not in PACKED_FAMILIES:
+        return (f"it needs a {'/'.join(PACKED_FAMILIES)}-family model (its attention through transformers' "
+                f"registry), not {getattr(config, 'model_type', type(config).__name__)}")
+    return None
+
+
 def packed_refusal(model, *, ranks: int, compile: bool) -> str | None:
     """Why the packed step cannot run here, or None when it can: a Llama-family model in one
-    process, eager, its attention through transformers' registry with sdpa.
+    process, eager (:func:`packed_config_refusal`), its attention through transformers' registry
+    with sdpa, neither offloaded nor quantized.
 
     Args:
         model: the loaded model.
@@ -144,20 +166,15 @@ def packed_refusal(model, *, ranks: int, compile: bool) -> str | None:
         "it needs a llama-family model (its attention through transformers' registry), not bloom"
     """
     config = getattr(model, "config", None)
-    if ranks > 1:
-        return "it runs in one process"
-    if compile:
-        return "the compiled forward has its own graphs"
-    if getattr(config, "model_type", None) not in PACKED_FAMILIES:
-        return (f"it needs a {'/'.join(PACKED_FAMILIES)}-family model (its attention through transformers' "
-                f"registry), not {getattr(config, 'model_type', type(model).__name__)}")
+    why = packed_config_refusal(config, ranks=ranks, compile=compile)
+    if why:
+        return why
     if getattr(config, "_attn_implementation", None) not in ("sdpa", PACKED_ATTENTION):
         return f"it builds on sdpa attention, not {config._attn_implementation}"
     places = {str(v) for v in (getattr(model, "hf_device_map", None) or {}).values()}
     if len(places) > 1 or getattr(model, "hf_quantizer", None) is not None:
         return "the model is offloaded or quantized"
     return None
-
 
 
 class KVBatch:
