@@ -229,7 +229,7 @@ def peers(name: str = "trained", kinds=("vllm", "transformers"), rounds: int = 5
         t0 = time.perf_counter()
         strategy = ["--strategy", "ds-inference"] if tp > 1 else []
         srvs = {"ours": stack.enter_context(Server(["--name", str(path), *strategy, *server_args], nprocs=tp,
-                                                   ready_timeout=600))}
+                                                   ready_timeout=1200))}   # --compile: minutes of graphs
         out["servers"]["ours"] = {"engine": "bloomkit (recipes/serve.py, " + (f"DeepSpeed AutoTP, {tp} ranks)" if tp > 1
                                                                              else "Accelerate)"),
                                   "start_s": time.perf_counter() - t0}

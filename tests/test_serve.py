@@ -112,42 +112,73 @@ def test_overlap_prefill_only_where_it_can_run(tiny_model, tiny_tokenizer):
             Engine(tiny_model, tiny_tokenizer, overlap_prefill=True, **kw)
 
 
+def _packed_run(model, tok, **kw):
+    """Six requests of different lengths submitted one step apart into 3 places, through the
+    packed step (compiled: after ``warm_up``, where any recompilation raises): returns (how many
+    steps were packed, the texts, generate's texts)."""
+    import contextlib
+
+    import torch
+
+    prompts, lengths = harness.make_prompts(6), [9, 3, 7, 1, 9, 5]
+    ref = [harness.generate(model, tok, [p], n).texts[0] for p, n in zip(prompts, lengths)]
+    eng = Engine(model, tok, max_batch=3, packed_prefill=True, **kw)
+    if kw.get("compile"):
+        eng.batch.warm_up()
+    packed, step = [], eng.batch.packed_step
+    eng.batch.packed_step = lambda *a: packed.append(1) or step(*a)
+    got = {}
+    strict = torch._dynamo.config.patch(error_on_recompile=True) if kw.get("compile") else contextlib.nullcontext()
+    with strict:
+        for i, (p, n) in enumerate(zip(prompts, lengths)):
+            eng.submit(Request([tok(p)["input_ids"]], Params(max_tokens=n, temperature=0, ignore_eos=True),
+                               sink=lambda ev, i=i: got.setdefault(i, []).append(ev)))
+            eng._collect(0)
+            eng.step()
+        while eng.rows or eng.waiting:
+            eng._collect(0)
+            eng.step()
+    return len(packed), ["".join(ev[2] for ev in got[i]) for i in range(len(prompts))], ref
+
+
+def _llama():
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path = models.resolve_model("tiny-llama")
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval(), models.load_tokenizer(path)
+
+
 def test_packed_prefill_equals_generate_and_runs_only_on_llama(tiny_model, tiny_tokenizer):
     """``packed_prefill``: a step that admits prompts decodes the running rows and prefills the
     prompts in one forward; rows joining and leaving one step apart still get ``generate``'s
     greedy tokens (tiny-llama), and other models are refused with the reason."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
     from bloomkit.serve.scheduler import packed_refusal
 
     assert "llama" in packed_refusal(tiny_model, ranks=1, compile=False)   # BLOOM: its own attention
     with pytest.raises(ValueError):
         Engine(tiny_model, tiny_tokenizer, packed_prefill=True)
-    path = models.resolve_model("tiny-llama")
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
-    tok = models.load_tokenizer(path)
+    model, tok = _llama()
     assert packed_refusal(model, ranks=1, compile=False) is None
-    assert packed_refusal(model, ranks=2, compile=False) and packed_refusal(model, ranks=1, compile=True)
-    prompts, lengths = harness.make_prompts(6), [9, 3, 7, 1, 9, 5]
-    ref = [harness.generate(model, tok, [p], n).tokens[0] for p, n in zip(prompts, lengths)]
-    eng = Engine(model, tok, max_batch=3, packed_prefill=True)
-    packed, step = [], eng.batch.packed_step
-    eng.batch.packed_step = lambda *a: packed.append(1) or step(*a)
-    got = {}
-    for i, (p, n) in enumerate(zip(prompts, lengths)):
-        eng.submit(Request([tok(p)["input_ids"]], Params(max_tokens=n, temperature=0, ignore_eos=True),
-                           sink=lambda ev, i=i: got.setdefault(i, []).append(ev)))
-        eng._collect(0)
-        eng.step()
-    while eng.rows or eng.waiting:
-        eng._collect(0)
-        eng.step()
-    assert len(packed) >= 3   # admissions rode on decode steps
-    for i, r in enumerate(ref):
-        assert "".join(ev[2] for ev in got[i]) == tok.decode(r, skip_special_tokens=True), i
+    assert packed_refusal(model, ranks=2, compile=False) and packed_refusal(model, ranks=1, compile=True) is None
+    packed, texts, ref = _packed_run(model, tok)
+    assert packed >= 3   # admissions rode on decode steps
+    assert texts == ref
+    prompts = harness.make_prompts(6)
     # the swapped attention implementation is sdpa for every ordinary forward
-    assert harness.generate(model, tok, [prompts[0]], 9).tokens[0] == ref[0]
+    assert harness.generate(model, tok, [prompts[0]], 9).texts[0] == ref[0]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_compiled_packed_prefill_equals_generate_and_never_recompiles():
+    """``compile`` with ``packed_prefill``: the packed step is compiled beside the forward, its
+    graphs built by ``warm_up`` (a joining width of 1 rides as 2, with a pad column; a single
+    running row takes the unpacked path), so rows joining and leaving build nothing more, and the
+    tokens are ``generate``'s."""
+    model, tok = _llama()
+    packed, texts, ref = _packed_run(model, tok, compile=True)
+    assert packed >= 2 and texts == ref
 
 
 def test_engine_refuses_beyond_context_and_memory(tiny_model, tiny_tokenizer):
@@ -379,11 +410,17 @@ def _graphs(url: str) -> int:
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)   # the compilation happens before /health answers
-def test_compiled_server_equals_generate_and_never_recompiles(expected):
+@pytest.mark.parametrize("flags", [["--name", "tiny"], ["--name", "tiny-llama", "--packed_prefill"]],
+                         ids=["bloom", "llama-packed"])
+def test_compiled_server_equals_generate_and_never_recompiles(flags, tiny_model, tiny_tokenizer):
     """--compile: the forward compiled with dynamic shapes, every graph built before the first
-    request; rows joining and leaving in any number then reuse them (fp32: the same tokens).  It
-    prefills first (no prefill thread beside a compiled forward)."""
-    with Server(["--name", "tiny", "--compile"], ready_timeout=540) as srv:
+    request; rows joining and leaving in any number then reuse them (fp32: the same tokens), and
+    dynamo never reaches its recompile limit (past it a kind of step would run eagerly, unseen).
+    It prefills first (no prefill thread beside a compiled forward); Llama packs the prefill into
+    the decode step, compiled too."""
+    model, tok = (tiny_model, tiny_tokenizer) if flags[1] == "tiny" else _llama()
+    expected = _reference(model, tok, PROMPTS, N_NEW)
+    with Server([*flags, "--compile"], ready_timeout=540) as srv:
         built = _graphs(srv.url)
         assert built > 0 and "prefill overlapped" not in srv.log()
         r = _complete(srv.url, PROMPTS)
@@ -393,7 +430,10 @@ def test_compiled_server_equals_generate_and_never_recompiles(expected):
                                             concurrency=4))
         want = dict(zip(PROMPTS, expected))
         assert all(r["error"] is None and loadtest.matches(want[r["prompt"]], r, N_NEW) for r in res)
+        for p in PROMPTS:   # one client: one row decoding at every cache width
+            assert _complete(srv.url, p).json()["choices"][0]["text"] == want[p]
         assert _graphs(srv.url) == built   # nothing compiled after start-up
+        assert "recompile_limit" not in srv.log()
 
 
 # ---------------------------------------------------------------------------- several ranks

@@ -78,16 +78,19 @@ PACKED_FAMILIES = ("llama",)   # RoPE from position_ids, attention through the r
 
 class _Pack:
     """One packed step's layout: ``rows`` running rows (one token each, first), then ``lengths``
-    prompts' tokens back to back; ``width`` the longest prompt; the joining group's keys and
-    values per layer are left here by the attention function."""
+    prompts' tokens back to back, the first ``pads[j]`` of prompt j being left padding; ``width``
+    the longest prompt; the joining group's keys and values per layer are left here by the
+    attention function."""
 
-    def __init__(self, cache, rows: int, lengths: list[int], dec_mask, torch, device=None):
+    def __init__(self, cache, rows: int, lengths: list[int], dec_mask, torch, device=None,
+                 pads: list[int] | None = None):
         self.cache, self.rows, self.lengths = cache, rows, lengths
         self.width = max(lengths)
         self.dec_mask = dec_mask
-        w = self.width
+        w, pads = self.width, pads or [0] * len(lengths)
         self.idx = torch.tensor([j * w + w - n + t for j, n in enumerate(lengths) for t in range(n)], device=device)
-        self.group_mask = torch.tensor([[0] * (w - n) + [1] * n for n in lengths], device=device)
+        self.group_mask = torch.tensor([[0] * (w - n + k) + [1] * (n - k) for n, k in zip(lengths, pads)],
+                                       device=device)
         causal = torch.ones(w, w, dtype=torch.bool, device=device).tril()
         self.pre_mask = causal[None, None] & self.group_mask.bool()[:, None, None, :]
         self.keys: dict[int, object] = {}
@@ -107,16 +110,17 @@ def _packed_attention(module, query, key, value, attention_mask, scaling=None, d
                                       dropout=dropout, **kwargs)
     import torch
 
-    p, i, r = bloomkit_pack, module.layer_idx, bloomkit_pack.rows
+    p, i = bloomkit_pack, module.layer_idx
+    r = 0 if p.dec_mask is None else p.dec_mask.shape[0]   # from tensor shapes: symbolic when compiled
     outs = []
-    if r:
+    if p.dec_mask is not None:
         layer = p.cache.layers[i]
         k, v = (x[0, :, :r].transpose(0, 1).unsqueeze(2) for x in (key, value))
         layer.keys, layer.values = torch.cat([layer.keys, k], -2), torch.cat([layer.values, v], -2)
         q = query[0, :, :r].transpose(0, 1).unsqueeze(2)
         out, _ = sdpa_attention_forward(module, q, layer.keys, layer.values, p.dec_mask, scaling=scaling)
         outs.append(out.reshape(1, r, *out.shape[2:]))
-    a, w = len(p.lengths), p.width
+    a, w = p.group_mask.shape
 
     def grid(x):   # packed [1, heads, tokens, dim] -> left-padded [prompts, heads, width, dim]
         g = x.new_zeros(x.shape[1], a * w, x.shape[-1])
@@ -132,7 +136,7 @@ def _packed_attention(module, query, key, value, attention_mask, scaling=None, d
 
 def packed_config_refusal(config, *, ranks: int, compile: bool) -> str | None:
     """What :func:`packed_refusal` can say from the config alone, before a model is loaded: the
-    family, one process, eager (a big checkpoint is refused in a second, not after its load).
+    family and one process (a big checkpoint is refused in a second, not after its load).
 
     Example:
         >>> from transformers import BloomConfig, LlamaConfig
@@ -143,8 +147,6 @@ def packed_config_refusal(config, *, ranks: int, compile: bool) -> str | None:
     """
     if ranks > 1:
         return "it runs in one process"
-    if compile:
-        return "the compiled forward has its own graphs"
     if getattr(config, "model_type", None) not in PACKED_FAMILIES:
         return (f"it needs a {'/'.join(PACKED_FAMILIES)}-family model (its attention through transformers' "
                 f"registry), not {getattr(config, 'model_type', type(config).__name__)}")
@@ -153,13 +155,13 @@ def packed_config_refusal(config, *, ranks: int, compile: bool) -> str | None:
 
 def packed_refusal(model, *, ranks: int, compile: bool) -> str | None:
     """Why the packed step cannot run here, or None when it can: a Llama-family model in one
-    process, eager (:func:`packed_config_refusal`), its attention through transformers' registry
+    process (:func:`packed_config_refusal`), its attention through transformers' registry
     with sdpa, neither offloaded nor quantized.
 
     Args:
         model: the loaded model.
         ranks: processes stepping together (tensor parallelism, ZeRO-3).
-        compile: whether the forward is compiled.
+        compile: whether the forward is compiled (the packed step is then compiled too).
 
     Example:
         >>> packed_refusal(bloom, ranks=1, compile=False)   # doctest: +SKIP
@@ -175,6 +177,22 @@ def packed_refusal(model, *, ranks: int, compile: bool) -> str | None:
     if len(places) > 1 or getattr(model, "hf_quantizer", None) is not None:
         return "the model is offloaded or quantized"
     return None
+
+
+def _compile_dynamic(fn):
+    """``torch.compile(fn, dynamic=True)``, tracing without *duck sizing*: by default dynamo gives
+    sizes that happen to be equal at trace time one symbol, and the packed step's sizes (rows,
+    tokens, cache width, prompts) tie to each other and to constants such as the KV heads by
+    chance, so its graph would hold for that one step only."""
+    import torch
+    from torch.fx.experimental import _config as fx_config
+
+    compiled = torch.compile(fn, dynamic=True)
+
+    def call(*args, **kwargs):
+        with fx_config.patch(use_duck_shape=False):
+            return compiled(*args, **kwargs)
+    return call
 
 
 class KVBatch:
@@ -198,6 +216,8 @@ class KVBatch:
         self.mask = None                      # [rows, width] long: 1 real token, 0 left pad
         self._torch = torch
         self.packed = False                   # enable_packed(): admissions ride on the decode step
+        self.pack_rows = 1                    # the fewest running rows a packed step carries
+        self._compile = compile
 
     def enable_packed(self) -> None:
         """Run a step that admits prompts as *one* forward (:meth:`packed_step`): the model's
@@ -209,6 +229,10 @@ class KVBatch:
         AttentionMaskInterface.register(PACKED_ATTENTION, sdpa_mask)
         self.model.set_attn_implementation(PACKED_ATTENTION)
         self.packed = True
+        # compiled: a graph of its own, dynamic like the forward's; sizes 0 and 1 are specialised, so
+        # a packed step needs >= 2 running rows (pack_rows) and a joining width >= 2 (a pad column)
+        self.pack_rows = 2 if self._compile else 1
+        self._pack_call = _compile_dynamic(self._packed_forward) if self._compile else self._packed_forward
 
     @property
     def rows(self) -> int:
@@ -221,8 +245,11 @@ class KVBatch:
     def _forward(self, ids, mask, cache):
         torch = self._torch
         kw = {self.cache_kw: cache, "use_cache": True, "attention_mask": mask}
-        if self.positions:   # generate's rule: cumsum of the mask, pads at 1
-            kw["position_ids"] = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)[:, -ids.shape[1]:]
+        if self.positions:   # generate's rule: cumsum of the mask, pads at 1; a copy with fresh strides:
+            # a compiled forward guards on strides, and the slice's row stride is the cache width (which
+            # .contiguous() keeps for one row), so one row's decode would match one width only
+            pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)[:, -ids.shape[1]:]
+            kw["position_ids"] = pos.clone(memory_format=torch.contiguous_format)
         if self.keep_logits:
             kw["logits_to_keep"] = 1
         with torch.inference_mode():
@@ -268,6 +295,14 @@ class KVBatch:
         cache = DynamicCache()
         return self._forward(ids, mask, cache), (cache, mask)
 
+    def _packed_forward(self, ids, pos, last, pack):
+        torch = self._torch
+        hidden = self.model.model(
+            input_ids=ids, position_ids=pos,
+            attention_mask=torch.ones(1, 1, 1, 1, dtype=torch.bool, device=ids.device), use_cache=False,
+            bloomkit_pack=pack).last_hidden_state
+        return self.model.lm_head(hidden[0, last]).float()
+
     def packed_step(self, tokens: list[int], prompts: list[list[int]]):
         """The running rows decode ``tokens`` and ``prompts`` are prefilled in one forward: their
         tokens packed into one sequence, so every linear layer reads its weights once for both
@@ -282,18 +317,18 @@ class KVBatch:
         if r:
             self.mask = torch.cat([self.mask, self.mask.new_ones(r, 1)], dim=1)
             pos = (self.mask.sum(-1) - 1).tolist()
+        pads = [0] * len(prompts)
+        if self._compile and max(map(len, prompts)) == 1:   # width 1 would need a graph of its own:
+            prompts, pads[0] = [[self.pad, *prompts[0]], *prompts[1:]], 1   # a masked pad column instead
         pack = _Pack(self.cache, r, [len(p) for p in prompts], self.mask.bool()[:, None, None, :] if r else None,
-                     torch, self.device)
+                     torch, self.device, pads)
         ids = list(tokens) + [t for p in prompts for t in p]
-        pos += [t for p in prompts for t in range(len(p))]
+        pos += [t for p, k in zip(prompts, pads) for t in [1] * k + list(range(len(p) - k))]   # pads at 1, as generate
         last = list(range(r)) + list(itertools.accumulate(len(p) for p in prompts))
         last[r:] = [r + n - 1 for n in last[r:]]
         with torch.inference_mode():
-            hidden = self.model.model(
-                input_ids=torch.tensor([ids], device=self.device), position_ids=torch.tensor([pos], device=self.device),
-                attention_mask=torch.ones(1, 1, 1, 1, dtype=torch.bool, device=self.device), use_cache=False,
-                bloomkit_pack=pack).last_hidden_state
-            logits = self.model.lm_head(hidden[0, last]).float()
+            logits = self._pack_call(torch.tensor([ids], device=self.device), torch.tensor([pos], device=self.device),
+                                     torch.tensor(last, device=self.device), pack)
         cache = DynamicCache()
         for i in sorted(pack.keys):
             cache.update(pack.keys[i], pack.values[i], i)
@@ -323,9 +358,10 @@ class KVBatch:
     def warm_up(self) -> None:
         """Run each kind of step once on pad tokens — a prefill of one row and of two (of one token
         and of several), a decode of one row and of several (on a cache of one column and of
-        several), rows leaving — then empty the batch.  With ``compile`` this builds
-        every graph before the first request (sizes 0 and 1 are specialised, larger ones are
-        symbolic), so no request pays a compilation.  Every rank runs the same sequence."""
+        several), rows leaving, packed steps (:meth:`enable_packed`) — then empty the batch.  With
+        ``compile`` this builds every graph before the first request (sizes 0 and 1 are
+        specialised, larger ones are symbolic), so no request pays a compilation.  Every rank runs
+        the same sequence."""
         x = self.pad
         for one_token in ([[x]], [[x], [x]]):   # one-token prompts: a prefill and a cache of length 1
             self.merge(self.prefill(one_token)[1])
@@ -337,6 +373,10 @@ class KVBatch:
         self.decode([x, x, x])
         self.keep([0, 2])
         self.decode([x, x])
+        if self.packed:   # packed steps: one prompt and several joining, of one token and of several
+            for prompts in ([[x]], [[x], [x]], [[x, x, x]], [[x, x], [x, x, x]]):
+                self.keep([0, 1])
+                self.merge(self.packed_step([x] * self.rows, prompts)[2])
         self.keep([])
 
     def dummy(self) -> None:
@@ -352,7 +392,7 @@ class KVBatch:
         their first token is out one step sooner (time to first token).  Returns the running
         rows' logits (or ``None``)."""
         self.keep(plan["keep"])
-        if self.packed and plan["admit"] and plan["feed"]:
+        if self.packed and plan["admit"] and len(plan["feed"]) >= self.pack_rows:
             out, logits, group = self.packed_step(plan["feed"], plan["admit"])
             if early is not None:
                 early(logits)
