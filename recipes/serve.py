@@ -66,6 +66,10 @@ def parser():
                    help="Llama-family models in one process: a step that admits requests prefills them in the "
                         "running rows' decode forward (one pass over the weights for both) instead of a forward "
                         "of their own; implies --no-overlap_prefill")
+    g.add_argument("--slot_hold", type=cli.non_negative_int,
+                   default=inspect.signature(scheduler.Engine).parameters["slot_hold"].default,
+                   help="steps a finished request's place in the KV cache waits for a joining request, which "
+                        "then takes it without the cache being copied (0: the cache is compacted at once)")
     g.add_argument("--kv_cache_memory", default=None,
                    help="KV-cache budget per rank, e.g. 2GiB; default: half of the free memory")
     g.add_argument("--served_model_name", default=None, help="the model id of the API (default: --name)")
@@ -204,7 +208,7 @@ def main(argv=None):
         kv_budget_bytes=kv_budget(args, setup.device), context_limit=checkpoint.context_limit(config),
         max_prefill_tokens=args.max_prefill_tokens, max_decode_skips=args.max_decode_skips,
         device=harness.input_device(model), compile=args.compile, overlap_prefill=overlap,
-        packed_prefill=args.packed_prefill,
+        packed_prefill=args.packed_prefill, slot_hold=args.slot_hold,
         sync=None if world == 1 else ranks.Lockstep() if args.strategy == "ds-zero" else ranks.Broadcast())
     if args.compile:   # every rank compiles the same graphs before the first request
         t0 = time.perf_counter()

@@ -98,6 +98,51 @@ def test_engine_rows_joining_and_leaving_equal_generate(name, overlap):
     assert eng.batch.rows == 0 and eng.batch.cache is None   # every row left, its cache freed
 
 
+@pytest.mark.parametrize("name,packed", [("tiny", False), ("tiny-llama", False), ("tiny-llama", True)])
+def test_slot_reuse_gives_the_logits_of_compaction(name, packed):
+    """``slot_hold``: a row that leaves keeps its place for joining rows, which write their prefill
+    into it instead of the cache being copied; the same plans give the same logits as freeing
+    every place at once, the cache never holds more places than rows ran at once, and a place
+    that waited longer than ``slot_hold`` steps is freed."""
+    import random
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from bloomkit.serve.scheduler import KVBatch
+
+    path = models.resolve_model(name)
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    pad = models.load_tokenizer(path).pad_token_id
+    batches = [KVBatch(model, pad, slot_hold=h) for h in (0, 3)]
+    if packed:
+        for b in batches:
+            b.enable_packed()
+    rng, rows, reused, most, leaves = random.Random(0), 0, 0, 0, []
+    for step in range(40):   # rows leave and join nearly every step (prompts of 1-6 tokens), then only leave
+        keep = sorted(rng.sample(range(rows), rows - rng.randint(0, min(rows, 2)))) if rows else []
+        admit = [[rng.randrange(3, 200) for _ in range(rng.randint(1, 6))]
+                 for _ in range(rng.randint(0 if keep else 1, 2) if step < 30 else 0)]
+        feed = [rng.randrange(3, 200) for _ in keep]
+        before, first = batches[1].places, []
+        out = [b.apply({"keep": keep, "feed": feed, "admit": admit}, early=first.append) for b in batches]
+        for a, b in zip(first[::2], first[1::2]):   # the joining prompts' logits, then the running rows'
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+        if out[0] is not None:
+            torch.testing.assert_close(out[1], out[0], rtol=1e-5, atol=1e-5)
+        reused += bool(admit) and batches[1].places <= before   # joined without the cache growing
+        leaves.append(rows - len(keep))
+        rows = len(keep) + len(admit)
+        most = max(most, rows)
+        assert [b.rows for b in batches] == [rows, rows] and batches[0].places == rows
+        free = batches[1]._free
+        assert batches[1].places == rows + len(free) <= most and len(free) <= sum(leaves[-4:])
+    assert reused >= 5
+    for b in batches:
+        b.keep([])
+        assert b.places == 0 and b.cache is None
+
+
 def test_overlap_prefill_only_where_it_can_run(tiny_model, tiny_tokenizer):
     """One process on the CPU, eager, weights in place: anything else says why, and the engine
     refuses to overlap across ranks or beside a compiled forward."""
@@ -402,6 +447,8 @@ def test_recipe_refuses_bad_flags_in_one_line():
     assert_one_line_error(proc, "--packed_prefill", "one process")
     proc = run_script(["recipes/serve.py", "--name", "tiny", "--packed_prefill"], timeout=120)
     assert_one_line_error(proc, "--packed_prefill", "llama-family", "not bloom")   # from the config, before the load
+    proc = run_script(["recipes/serve.py", "--name", "tiny", "--slot_hold", "-1"], timeout=120)
+    assert_one_line_error(proc, "--slot_hold")
 
 
 def _graphs(url: str) -> int:

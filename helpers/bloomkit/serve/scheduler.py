@@ -179,6 +179,11 @@ def packed_refusal(model, *, ranks: int, compile: bool) -> str | None:
     return None
 
 
+# Steps a finished row's place in the KV cache waits for a joining row (KVBatch.keep): under load a
+# client's next request arrives one or two steps after its last answer
+SLOT_HOLD = 4
+
+
 def _compile_dynamic(fn):
     """``torch.compile(fn, dynamic=True)``, tracing without *duck sizing*: by default dynamo gives
     sizes that happen to be equal at trace time one symbol, and the packed step's sizes (rows,
@@ -200,7 +205,8 @@ class KVBatch:
     :meth:`keep` (rows leave), :meth:`decode` (one new token per row) and :meth:`admit`
     (prefill a group and merge it in).  Only tensors, no requests: identical on every rank."""
 
-    def __init__(self, model, pad_token_id: int, device=None, compile: bool = False):
+    def __init__(self, model, pad_token_id: int, device=None, compile: bool = False,
+                 slot_hold: int = SLOT_HOLD):
         import torch
 
         self.model, self.pad = model, int(pad_token_id)
@@ -218,6 +224,12 @@ class KVBatch:
         self.packed = False                   # enable_packed(): admissions ride on the decode step
         self.pack_rows = 1                    # the fewest running rows a packed step carries
         self._compile = compile
+        # slot reuse (slot_hold > 0): a row that leaves keeps its place in the cache for up to
+        # slot_hold steps, fed a pad token, and a joining row takes it (its prefill written into
+        # that row's last columns) instead of the whole cache being copied twice (keep, merge)
+        self.hold = int(slot_hold)
+        self.slots: list[int] = []            # the cache row of each running row, in the engine's order
+        self._free: dict[int, int] = {}       # cache rows no running row holds -> steps they have waited
 
     def enable_packed(self) -> None:
         """Run a step that admits prompts as *one* forward (:meth:`packed_step`): the model's
@@ -236,7 +248,28 @@ class KVBatch:
 
     @property
     def rows(self) -> int:
+        """Running rows (the engine's); the cache may hold more (:attr:`places`)."""
+        return len(self.slots)
+
+    @property
+    def places(self) -> int:
+        """Rows of the cache: the running rows and the free places kept for joining rows."""
         return 0 if self.mask is None else self.mask.shape[0]
+
+    def _places_of(self, tokens: list[int]) -> list[int]:
+        """The running rows' tokens laid out by cache row; a free place is fed a pad token."""
+        if self.slots == list(range(self.places)):
+            return list(tokens)
+        out = [self.pad] * self.places
+        for s, t in zip(self.slots, tokens):
+            out[s] = t
+        return out
+
+    def _rows_of(self, logits):
+        """Logits by cache row -> the running rows' logits, in the engine's order."""
+        if self.slots == list(range(self.places)):
+            return logits
+        return logits.index_select(0, self._torch.tensor(self.slots, device=logits.device))
 
     @property
     def width(self) -> int:
@@ -257,18 +290,41 @@ class KVBatch:
         return out.logits[:, -1, :].float()
 
     def keep(self, rows: list[int]) -> None:
-        """Keep only ``rows`` (batch indices, in order): the others' cache is freed now.  Then
-        trim the left columns that are padding for every remaining row."""
-        if len(rows) == self.rows:
-            return
+        """Keep only ``rows`` (indices into the running rows, in order).  Without slot reuse the
+        others' cache is freed now; with it their places wait ``slot_hold`` steps for a joining
+        row (:meth:`merge`), and only places that waited longer are freed.  Freeing copies the
+        cache once, and trims the left columns that are padding for every running row (with
+        nothing freed, only once a quarter of the columns are such padding)."""
         if not rows:
             self.cache = self.mask = None
+            self.slots, self._free = [], {}
             return
         torch = self._torch
-        idx = torch.tensor(rows, device=self.mask.device)
-        self.mask = self.mask.index_select(0, idx)
-        start = int((self.mask.sum(0) > 0).nonzero()[0])
-        self.mask = self.mask[:, start:]
+        kept = set(rows)
+        left = [s for i, s in enumerate(self.slots) if i not in kept]
+        self.slots = [self.slots[i] for i in rows]
+        for s in self._free:
+            self._free[s] += 1
+        drop = [s for s, waited in self._free.items() if waited > self.hold]
+        if self.hold:
+            for s in left:
+                self._free[s] = 0
+            if left:   # a free place attends to nothing before its own pad tokens
+                self.mask[torch.tensor(left, device=self.mask.device)] = 0
+        else:
+            drop += left
+        for s in drop:
+            self._free.pop(s, None)
+        occupied = self.mask.index_select(0, torch.tensor(self.slots, device=self.mask.device))
+        start = int((occupied.sum(0) > 0).nonzero()[0])
+        if not drop and start * 4 < self.width:
+            return
+        places = sorted(self.slots + list(self._free))
+        at = {s: j for j, s in enumerate(places)}
+        self.slots = [at[s] for s in self.slots]
+        self._free = {at[s]: waited for s, waited in self._free.items()}
+        idx = torch.tensor(places, device=self.mask.device)
+        self.mask = self.mask.index_select(0, idx)[:, start:]
         # contiguous inference tensors, like the forward's own: a compiled forward guards on strides
         # and on how a tensor was made, and would recompile for a sliced view or a normal tensor
         with torch.inference_mode():
@@ -279,9 +335,9 @@ class KVBatch:
     def decode(self, tokens: list[int]):
         """One step for every running row: feed its last token, return next-token logits [rows, V]."""
         torch = self._torch
-        ids = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]
-        self.mask = torch.cat([self.mask, self.mask.new_ones(self.rows, 1)], dim=1)
-        return self._forward(ids, self.mask, self.cache)
+        ids = torch.tensor(self._places_of(tokens), dtype=torch.long, device=self.device)[:, None]
+        self.mask = torch.cat([self.mask, self.mask.new_ones(self.places, 1)], dim=1)
+        return self._rows_of(self._forward(ids, self.mask, self.cache))
 
     def prefill(self, prompts: list[list[int]]):
         """Prefill ``prompts`` (token ids) as one left-padded group in a cache of their own;
@@ -312,6 +368,7 @@ class KVBatch:
         torch = self._torch
         from transformers import DynamicCache
 
+        tokens = self._places_of(tokens) if tokens else []
         r = len(tokens)
         pos = []
         if r:
@@ -332,11 +389,14 @@ class KVBatch:
         cache = DynamicCache()
         for i in sorted(pack.keys):
             cache.update(pack.keys[i], pack.values[i], i)
-        return (logits[:r] if r else None), logits[r:], (cache, pack.group_mask)
+        return (self._rows_of(logits[:r]) if r else None), logits[r:], (cache, pack.group_mask)
 
     def merge(self, group) -> None:
-        """Append a prefilled group's rows: both caches padded on the left to the common width,
-        then concatenated on the batch axis (one copy of the cache: the price of joining)."""
+        """Append a prefilled group's rows.  A row takes a free place when there is one and the
+        prompt fits in the cache's width: its keys and values are written into that row's last
+        columns, the columns before masked.  The others join as new rows: both caches padded on
+        the left to the common width, then concatenated on the batch axis (one copy of the
+        cache: the price of joining)."""
         torch = self._torch
         cache, mask = group
         if self.mask is None:
@@ -344,16 +404,35 @@ class KVBatch:
                 for layer in cache.layers:
                     layer.keys, layer.values = layer.keys.contiguous(), layer.values.contiguous()
             self.cache, self.mask = cache, mask
+            self.slots, self._free = list(range(mask.shape[0])), {}
             return
-        width = mask.shape[1]
-        w = max(self.width, width)
+        a, width = mask.shape
+        w = self.width
+        reuse = sorted(self._free)[:a] if width <= w else []
+        k = len(reuse)
+        if k:
+            idx = torch.tensor(reuse, device=self.mask.device)
+            self.mask[idx] = 0
+            self.mask[idx, w - width:] = mask[:k]
+            with torch.inference_mode():
+                for old, new in zip(self.cache.layers, cache.layers):
+                    old.keys[idx.to(old.keys.device), :, w - width:] = new.keys[:k]
+                    old.values[idx.to(old.values.device), :, w - width:] = new.values[:k]
+            for s in reuse:
+                del self._free[s]
+            self.slots += reuse
+        if k == a:
+            return
+        places = self.places
+        self.slots += list(range(places, places + a - k))
+        w = max(w, width)
         pad = torch.nn.functional.pad
-        self.mask = torch.cat([pad(self.mask, (w - self.width, 0)), pad(mask, (w - width, 0))])
+        self.mask = torch.cat([pad(self.mask, (w - self.width, 0)), pad(mask[k:], (w - width, 0))])
         with torch.inference_mode():
             for old, new in zip(self.cache.layers, cache.layers):
                 ow, nw = old.keys.shape[-2], new.keys.shape[-2]
-                old.keys = torch.cat([pad(old.keys, (0, 0, w - ow, 0)), pad(new.keys, (0, 0, w - nw, 0))])
-                old.values = torch.cat([pad(old.values, (0, 0, w - ow, 0)), pad(new.values, (0, 0, w - nw, 0))])
+                old.keys = torch.cat([pad(old.keys, (0, 0, w - ow, 0)), pad(new.keys[k:], (0, 0, w - nw, 0))])
+                old.values = torch.cat([pad(old.values, (0, 0, w - ow, 0)), pad(new.values[k:], (0, 0, w - nw, 0))])
 
     def warm_up(self) -> None:
         """Run each kind of step once on pad tokens — a prefill of one row and of two (of one token
@@ -392,7 +471,7 @@ class KVBatch:
         their first token is out one step sooner (time to first token).  Returns the running
         rows' logits (or ``None``)."""
         self.keep(plan["keep"])
-        if self.packed and plan["admit"] and len(plan["feed"]) >= self.pack_rows:
+        if self.packed and plan["admit"] and plan["feed"] and self.places >= self.pack_rows:
             out, logits, group = self.packed_step(plan["feed"], plan["admit"])
             if early is not None:
                 early(logits)
@@ -637,15 +716,19 @@ class Engine:
     Llama-family model in one process, eager, without ``overlap_prefill``; see
     :func:`packed_refusal`): a step that admits prompts decodes the running rows *and* prefills
     them in one forward (:meth:`KVBatch.packed_step`), so a few-token prefill no longer costs a
-    forward of its own; ``max_decode_skips`` then does not apply."""
+    forward of its own; ``max_decode_skips`` then does not apply.  ``slot_hold``: steps a
+    finished row's place in the KV cache waits for a joining row, which then takes it without
+    the cache being copied (:meth:`KVBatch.keep`); the places waiting are memory beside the
+    running rows that the KV budget does not count (at most the rows that left in those steps)."""
 
     def __init__(self, model, tokenizer, *, max_batch: int = 32, max_queue: int = 256,
                  request_timeout: float = 300.0, kv_bytes_per_token: int = 0,
                  kv_budget_bytes: int | None = None, context_limit: int | None = None,
                  max_prefill_tokens: int = 4096, max_decode_skips: int = 1, sync=None, device=None,
-                 compile: bool = False, overlap_prefill: bool = False, packed_prefill: bool = False):
+                 compile: bool = False, overlap_prefill: bool = False, packed_prefill: bool = False,
+                 slot_hold: int = SLOT_HOLD):
         self.tok = tokenizer
-        self.batch = KVBatch(model, tokenizer.pad_token_id, device, compile=compile)
+        self.batch = KVBatch(model, tokenizer.pad_token_id, device, compile=compile, slot_hold=slot_hold)
         if packed_prefill:
             why = packed_refusal(model, ranks=1 if sync is None else 2, compile=compile) or \
                 ("the prefill thread runs its own forward" if overlap_prefill else None)
