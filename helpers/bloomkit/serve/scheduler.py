@@ -659,7 +659,7 @@ class Metrics:
         gauge("bloomkit_running_rows", "Rows (prompts) in the running batch or prefilling", running)
         gauge("bloomkit_waiting_rows", "Rows (prompts) waiting for a place in the running batch", waiting)
         gauge("bloomkit_kv_cache_tokens", "KV-cache positions the running batch holds (rows x width, "
-              "left padding included), per layer", kv_cache_tokens)
+              "left padding and places kept for joining rows included), per layer", kv_cache_tokens)
         gauge("bloomkit_compiled_graphs", "Graphs torch.compile built in this process (--compile: all "
               "before the first request; a rise under load is a recompile)", compiled_graphs)
 
@@ -796,10 +796,11 @@ class Engine:
 
     def kv_cache_tokens(self) -> int:
         """KV-cache positions the running batch holds: rows x width of the left-padded batched
-        cache (pads included: they take memory too), the same in every layer; times the bytes per
-        token (``kv_bytes_per_token``) it is the cache's memory.  A group still prefilling beside the
-        step (``overlap_prefill``) is not counted until it joins.  Any thread may call it."""
-        mask = self.batch.mask   # one read: the model thread replaces the mask, never changes it
+        cache (pads and places kept for joining rows included: they take memory too), the same in
+        every layer; times the bytes per token (``kv_bytes_per_token``) it is the cache's memory.
+        A group still prefilling beside the step (``overlap_prefill``) is not counted until it
+        joins.  Any thread may call it."""
+        mask = self.batch.mask   # one read: the model thread replaces the mask to change its shape
         return 0 if mask is None else mask.shape[0] * mask.shape[1]
 
     # ------------------------------------------------------------------ the model thread
