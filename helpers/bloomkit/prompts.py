@@ -105,3 +105,15 @@ def eval_texts(path, eval_file=None) -> list[str] | None:
     except (ValueError, KeyError, TypeError):
         raise UserError(f"{f} is not a held-out sample ({{\"texts\": [...]}}); remove it or "
                         "regenerate it with python -m bloomkit.train") from None
+
+
+def shown(text: str) -> str:
+    """``text`` as a page shows it: control characters other than newline and tab escaped.  An
+    untrained model writes any token, a carriage return too, which in a printed cell would send
+    the rest of the line back over its start.
+
+    Example:
+        >>> shown("a\\rb\\nc")
+        'a\\\\rb\\nc'
+    """
+    return "".join(c if c in "\n\t" or c.isprintable() else c.encode("unicode_escape").decode() for c in text)

@@ -1,7 +1,7 @@
 """Notebook 01 (Accelerate): device maps, fp32 identity of every placement, the timing
 comparisons (interleaved pairs, checked by the generic rule), perplexity with its resolution,
 the footprints.  ``odd-llama`` ships no held-out text: no perplexity claims."""
-from bloomkit import arch, models
+from bloomkit import arch, models, prompts
 from bloomkit.strategies import accel
 from nbtools import ODD
 
@@ -94,4 +94,4 @@ def check(run):
     text = run.text()
     for rs in by.values():
         r = rs[0]
-        assert r["prompts"][0] + r["texts"][0] in text, r["options"]["variant"]
+        assert prompts.shown(r["prompts"][0] + r["texts"][0]) in text, r["options"]["variant"]
