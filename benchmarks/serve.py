@@ -39,6 +39,12 @@ with --from it redraws a recorded file without running anything.
   by side with their definitions, and tokens per sampling step from our server's ``/metrics`` around each
   run.  Kept per model under ``guidellm``:  ``python benchmarks/serve.py --only guidellm --name trained
   --rounds 3 --out benchmarks/results/serve-guidellm-cpu.json``.
+* lever (``--only lever``, not run by default): one of our server's flags measured by itself: our
+  server with ``--server_args`` and another with ``--server_args`` plus ``--lever_args``, the same
+  answers, taking turns in every round (and starting in the other order each round), mixed lengths at
+  8 and 16 clients.  Kept per model and flags under ``levers``:  ``python benchmarks/serve.py --only
+  lever --name small-llama --server_args=' --compile --packed_prefill' --lever_args=' --freezing'
+  --rounds 5 --out benchmarks/results/serve-levers-cpu.json``.
 
 Every answer under load is checked against the answer its prompt got alone (``mismatches``).
 The metrics are vLLM ``bench serve``'s, by its definitions (numpy percentiles; the record's
@@ -287,6 +293,73 @@ def peers(name: str = "trained", kinds=("vllm", "transformers"), rounds: int = 5
     return out
 
 
+LEVER_RUNS = {8: 32, 16: 48}                              # concurrency -> requests per run, for a lever's A/B
+
+
+def lever(name: str, server_args=(), lever_args=(), rounds: int = 5, runs: dict | None = None) -> dict:
+    """One lever of our server measured by itself: two of our servers on the same checkpoint, one
+    with ``server_args`` and one with ``server_args`` + ``lever_args`` (e.g. ``--freezing``),
+    under the same client with mixed lengths (the traffic where rows join and leave every step),
+    taking turns in every round and starting in the other order each round.  Their greedy answers
+    must agree; per client count, output tokens/s and TTFT p50 with the lever against without,
+    through :func:`bloomkit.measure.compare.compare_times` over the rounds (a verdict needs 5)."""
+    from bloomkit import models
+    from bloomkit.prompts import model_prompts
+    from bloomkit.serve import peers as engines
+
+    runs = runs or LEVER_RUNS
+    path = models.resolve_model(name)
+    prompts = model_prompts(path) or loadtest.DEFAULT_PROMPTS
+    mt = TRAFFIC["mixed"]
+    out = {"model": name, "measured_on": time.strftime("%Y-%m-%d"), "server_args": list(server_args),
+           "lever_args": list(lever_args), "prompts": prompts, "extensions": "none",
+           "runs_per_concurrency": runs, "servers": {}, "versions": sysinfo.versions()}
+    flags = {"without": list(server_args), "with": [*server_args, *lever_args]}
+    with contextlib.ExitStack() as stack:
+        srvs = {}
+        for k, extra in flags.items():
+            t0 = time.perf_counter()
+            srvs[k] = stack.enter_context(Server(["--name", str(path), *extra], ready_timeout=1500))
+            out["servers"][k] = {"args": extra, "start_s": time.perf_counter() - t0}
+        answers = {k: asyncio.run(loadtest.reference(srv.url, prompts, mt, extensions="none"))
+                   for k, srv in srvs.items()}
+        if not all(_same_text(answers["with"][p], answers["without"][p]) for p in prompts):
+            raise UserError(f"{' '.join(lever_args)} changed the greedy answers; a lever must not")
+        part = out["traffic"] = {"mixed": {"max_tokens": mt, "expected": answers["without"],
+                                           **{k: {"max_tokens": mt, "rounds": []} for k in srvs}}}
+        part = part["mixed"]
+        for r in range(rounds):
+            order = list(srvs) if r % 2 == 0 else list(srvs)[::-1]
+            got = asyncio.run(engines.measure_round({k: srvs[k] for k in order}, prompts=prompts, max_tokens=mt,
+                                                    runs=runs, expected=answers))
+            for k in srvs:
+                part[k]["rounds"].append(got[k])
+                print(f"round {r + 1} {k:>8} {' '.join(lever_args)}: " + ", ".join(
+                    f"C={x['concurrency']} {x['output_tokens_per_s']:.0f} tok/s TTFT p50 {x['ttft_p50_ms']:.0f} ms"
+                    for x in got[k]) + f", errors {sum(x['errors'] for x in got[k])}, "
+                    f"mismatches {sum(x['mismatches'] for x in got[k])}", flush=True)
+    out["with_vs_without"] = []
+    label = "with " + " ".join(lever_args)
+    for c in runs:
+        def per_round(k, key):
+            return loadtest.per_round(part[k]["rounds"], c, key)
+        thr = compare.compare_times([1 / v for v in per_round("with", "output_tokens_per_s")],
+                                    [1 / v for v in per_round("without", "output_tokens_per_s")])
+        ttft = compare.compare_times(per_round("with", "ttft_p50_ms"), per_round("without", "ttft_p50_ms"))
+        row = {"concurrency": c,
+               "output_tokens_per_s": {k: statistics.median(per_round(k, "output_tokens_per_s")) for k in srvs},
+               "ttft_p50_ms": {k: statistics.median(per_round(k, "ttft_p50_ms")) for k in srvs},
+               "throughput": {"with_over_without": 1 / thr.ratio, "verdict": thr.verdict, "pairs": thr.pairs,
+                              "sentence": thr.sentence(label, "without") + " per output token"},
+               "ttft_p50": {"with_over_without": ttft.ratio, "verdict": ttft.verdict, "pairs": ttft.pairs,
+                            "sentence": ttft.sentence(label, "without") + " to the first token"}}
+        out["with_vs_without"].append(row)
+        print(f"{c} clients, {' '.join(lever_args)}: output tokens/s {row['output_tokens_per_s']['with']:.0f} with, "
+              f"{row['output_tokens_per_s']['without']:.0f} without ({row['throughput']['sentence']}); TTFT p50 "
+              f"{row['ttft_p50_ms']['with']:.0f} against {row['ttft_p50_ms']['without']:.0f} ms", flush=True)
+    return out
+
+
 GUIDELLM_RUNS = {1: 16, 8: 64}                          # streams -> requests per run, for GuideLLM and ours alike
 
 
@@ -488,12 +561,13 @@ def main(argv=None):
                    help="the result file; parts not run (--only) are kept from it (default: %(default)s)")
     p.add_argument("--name", default="small",
                    help="the model every server loads; larger ones take longer per step (default: %(default)s)")
-    p.add_argument("--only", nargs="*", choices=["accelerate", "burst", "tp2", "peers", "guidellm"],
+    p.add_argument("--only", nargs="*", choices=["accelerate", "burst", "tp2", "peers", "guidellm", "lever"],
                    default=["accelerate", "burst", "tp2"],
                    help="the parts to run; tp2 starts a server of two ranks, each holding half of the weights; "
                         "peers starts vLLM (make setup-vllm) and transformers serve beside ours on --name, "
                         "kept per model under 'peers'; guidellm measures ours with GuideLLM (make setup-guidellm) "
-                        "and our load test in turns, kept per model under 'guidellm' (default: accelerate burst tp2)")
+                        "and our load test in turns, kept per model under 'guidellm'; lever measures our server with "
+                        "--lever_args against without them (default: accelerate burst tp2)")
     p.add_argument("--peers", nargs="*", default=["vllm", "transformers"],
                    help="the engines of the peers part (bloomkit.serve.peers.PEERS) (default: %(default)s)")
     p.add_argument("--tp", type=int, default=1,
@@ -510,6 +584,10 @@ def main(argv=None):
                    help="with --only peers, more flags for every peer's server, e.g. --peer_args='--compile' "
                         "(transformers serve's own torch.compile); kept under 'peers' as 'NAME FLAGS, peers "
                         "FLAGS' (default: none)")
+    p.add_argument("--lever_args", default="",
+                   help="with --only lever, the flags measured: our server with --server_args and these against "
+                        "with --server_args alone, e.g. --server_args=' --compile' --lever_args=' --freezing'; kept "
+                        "under 'levers' as 'NAME FLAGS + LEVER' (default: none)")
     results.add_plot_flags(p, "benchmarks/results/serve-cpu.json")
     args = p.parse_args(argv)
     # stopped with SIGTERM (kill, a CI timeout): unwind, so every server started here is stopped too
@@ -521,6 +599,8 @@ def main(argv=None):
     results.check_writable(args.out, "--out")
     if args.peer_args.strip() and "peers" not in args.only:
         raise UserError("--peer_args are the peers' flags: pass them with --only peers")
+    if bool(args.lever_args.strip()) != ("lever" in args.only):
+        raise UserError("--only lever measures --lever_args: pass both, e.g. --only lever --lever_args=' --freezing'")
     if args.tp < 1 or (args.tp > 1 and "peers" not in args.only):
         raise UserError(f"--tp {args.tp}: pass --tp 1 or more, with --only peers (the tp2 part has its own two ranks)")
     out = {}
@@ -542,6 +622,10 @@ def main(argv=None):
         out.setdefault("peers", {})[key] = peers(args.name, args.peers, args.rounds, tp=args.tp,
                                                  server_args=args.server_args.split(),
                                                  peer_args=args.peer_args.split())
+    if "lever" in args.only:
+        key = " ".join([args.name, *args.server_args.split(), "+", *args.lever_args.split()])
+        out.setdefault("levers", {})[key] = lever(args.name, args.server_args.split(), args.lever_args.split(),
+                                                  args.rounds)
     if "guidellm" in args.only:
         out.setdefault("guidellm", {})[args.name] = guidellm_part(args.name, args.rounds)
     out["load_average_after"] = os.getloadavg()

@@ -70,6 +70,10 @@ def parser():
                    default=inspect.signature(scheduler.Engine).parameters["slot_hold"].default,
                    help="steps a finished request's place in the KV cache waits for a joining request, which "
                         "then takes it without the cache being copied (0: the cache is compacted at once)")
+    g.add_argument("--freezing", action="store_true",
+                   help="with --compile on the CPU: inductor takes the weights as constants and pre-packs them "
+                        "for the CPU's matrix multiply (faster steps); each compiled graph then holds its own copy "
+                        "of the weights, so it is refused when those copies would not fit in free memory")
     g.add_argument("--kv_cache_memory", default=None,
                    help="KV-cache budget per rank, e.g. 2GiB; default: half of the free memory")
     g.add_argument("--served_model_name", default=None, help="the model id of the API (default: --name)")
@@ -91,6 +95,10 @@ def check_flags(args) -> None:
     if args.compile and args.strategy == "ds-zero":
         raise UserError("--compile cannot take ZeRO-3: it gathers each layer's weights in hooks around "
                         "every module, which a compiled graph cannot run; drop --compile")
+    if args.freezing and not args.compile:
+        raise UserError("--freezing is an option of the compiled forward; add --compile or drop --freezing")
+    if args.freezing and args.strategy != "accelerate":
+        raise UserError(f"--freezing runs in one process (--strategy accelerate), not {args.strategy}; drop it")
     if args.overlap_prefill and (args.strategy != "accelerate" or args.compile):
         raise UserError("--overlap_prefill runs one process's eager forward (--strategy accelerate without "
                         "--compile): with several ranks every step's collectives must stay in order, and the "
@@ -157,16 +165,33 @@ def load(args):
     return zero.load(setup), setup, 1
 
 
-def kv_budget(args, device: str) -> int:
+def kv_budget(args, device: str, reserved: int = 0) -> int:
+    """--kv_cache_memory, else half of the memory free now less ``reserved`` (bytes that the
+    graphs still to be built will take), shared by the ranks on this machine."""
     if args.kv_cache_memory:
         return _size(args.kv_cache_memory)
     if device == "cuda":
         import torch
 
-        return int(torch.cuda.mem_get_info()[0] * 0.5)
+        return int((torch.cuda.mem_get_info()[0] - reserved) * 0.5)
     import psutil
 
-    return int(psutil.virtual_memory().available * 0.5 / dist.local_world_size())
+    return int((psutil.virtual_memory().available - reserved) * 0.5 / dist.local_world_size())
+
+
+def frozen_copies(args, model, setup, world: int) -> int:
+    """--freezing: the bytes its graphs' copies of the weights will take, refused in one line
+    (before any graph is built) where they would not fit; 0 without it."""
+    if not args.freezing:
+        return 0
+    import psutil
+
+    graphs = scheduler.WARM_UP_GRAPHS["packed" if args.packed_prefill else "plain"]
+    why = scheduler.freezing_refusal(model, device=setup.device, ranks=world, graphs=graphs,
+                                     available=psutil.virtual_memory().available)
+    if why:
+        raise UserError(f"--freezing: {why}; drop it")
+    return graphs * sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 def _size(text: str) -> int:
@@ -201,19 +226,21 @@ def main(argv=None):
         if why:
             raise UserError(f"--packed_prefill: {why}; drop it")
         overlap = False
+    reserved = frozen_copies(args, model, setup, world)
     engine = scheduler.Engine(
         model, tok, max_batch=args.batch_size[0], max_queue=args.max_queue,
         request_timeout=args.request_timeout,
         kv_bytes_per_token=max(1, memory.kv_cache_bytes_per_token(config, setup.dtype) // kv_share),
-        kv_budget_bytes=kv_budget(args, setup.device), context_limit=checkpoint.context_limit(config),
+        kv_budget_bytes=kv_budget(args, setup.device, reserved), context_limit=checkpoint.context_limit(config),
         max_prefill_tokens=args.max_prefill_tokens, max_decode_skips=args.max_decode_skips,
         device=harness.input_device(model), compile=args.compile, overlap_prefill=overlap,
-        packed_prefill=args.packed_prefill, slot_hold=args.slot_hold,
+        packed_prefill=args.packed_prefill, slot_hold=args.slot_hold, freezing=args.freezing,
         sync=None if world == 1 else ranks.Lockstep() if args.strategy == "ds-zero" else ranks.Broadcast())
     if args.compile:   # every rank compiles the same graphs before the first request
         t0 = time.perf_counter()
         engine.batch.warm_up()
-        print(f"compiled the forward ({harness.compiled_graphs()} graphs) in {time.perf_counter() - t0:.0f} s",
+        packed = f", {scheduler.prepacked_weights()} linear weights pre-packed" if args.freezing else ""
+        print(f"compiled the forward ({harness.compiled_graphs()} graphs{packed}) in {time.perf_counter() - t0:.0f} s",
               flush=True)
     if args.strategy == "ds-inference" and rank > 0:
         ranks.follow(engine.batch)   # rank 0 plans and serves; this rank runs every step with it
@@ -222,7 +249,8 @@ def main(argv=None):
     model_id = args.served_model_name or args.name
     app = serve_app.create_app(engine, tok, model_id, default_max_tokens=args.max_new_tokens)
     banner = (f"serving {model_id} ({args.strategy}, {setup.dtype}, {world} rank(s), rank {rank}"
-              f"{', prefill overlapped' if overlap else ''}{', prefill packed' if args.packed_prefill else ''}) on "
+              f"{', prefill overlapped' if overlap else ''}{', prefill packed' if args.packed_prefill else ''}"
+              f"{', weights frozen' if args.freezing else ''}) on "
               f"http://{args.host}:{port}")
     code = serve_app.serve(app, engine, args.host, port, banner=banner)
     if code:

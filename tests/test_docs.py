@@ -32,3 +32,15 @@ def test_every_recipe_in_the_readme_exists():
     text = (ROOT / "README.md").read_text()
     for name in set(re.findall(r"recipes/(\w+\.py)", text)):
         assert (ROOT / "recipes" / name).exists(), name
+
+
+def test_serving_table_rows_name_recorded_parts():
+    """Each row of docs/serving.md's table of peers names a part that benchmarks/results/serve-peers-cpu.json
+    holds (a row cannot outlive its record, nor cite one never measured)."""
+    import json
+
+    text = (ROOT / "docs" / "serving.md").read_text()
+    table = text.split("| part (key in the file) |", 1)[1].split("\n\n", 1)[0]
+    keys = re.findall(r"^\| `([^`]+)` \|", table, re.M)
+    recorded = json.loads((ROOT / "benchmarks" / "results" / "serve-peers-cpu.json").read_text())["peers"]
+    assert len(keys) >= 5 and not set(keys) - set(recorded), set(keys) - set(recorded)

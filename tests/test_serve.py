@@ -10,6 +10,7 @@ the server within 60 s and leaves no process or /dev/shm segment behind.
 import asyncio
 import json
 import os
+import re
 import threading
 import time
 
@@ -449,6 +450,25 @@ def test_recipe_refuses_bad_flags_in_one_line():
     assert_one_line_error(proc, "--packed_prefill", "llama-family", "not bloom")   # from the config, before the load
     proc = run_script(["recipes/serve.py", "--name", "tiny", "--slot_hold", "-1"], timeout=120)
     assert_one_line_error(proc, "--slot_hold")
+    proc = run_script(["recipes/serve.py", "--name", "tiny", "--freezing"], timeout=120)
+    assert_one_line_error(proc, "--freezing", "--compile")
+    proc = run_script(["recipes/serve.py", "--strategy", "ds-inference", "--compile", "--freezing"], timeout=120)
+    assert_one_line_error(proc, "--freezing", "one process")
+
+
+def test_freezing_refused_where_its_copies_would_not_fit(tiny_model, tiny_tokenizer):
+    """--freezing: each compiled graph holds a packed copy of the weights, so the check counts the
+    warm-up's graphs against free memory before any is built; CPU and one process only."""
+    from bloomkit.serve.scheduler import freezing_refusal
+
+    weights = sum(p.numel() * p.element_size() for p in tiny_model.parameters())
+    assert freezing_refusal(tiny_model, device="cpu", ranks=1, graphs=10, available=100 * weights) is None
+    why = freezing_refusal(tiny_model, device="cpu", ranks=1, graphs=10, available=10 * weights)
+    assert "10 compiled graphs" in why and "free" in why
+    assert "CPU" in freezing_refusal(tiny_model, device="cuda", ranks=1, graphs=10, available=100 * weights)
+    assert "one process" in freezing_refusal(tiny_model, device="cpu", ranks=2, graphs=10, available=100 * weights)
+    with pytest.raises(ValueError, match="compile"):
+        Engine(tiny_model, tiny_tokenizer, freezing=True)
 
 
 def _graphs(url: str) -> int:
@@ -457,19 +477,27 @@ def _graphs(url: str) -> int:
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)   # the compilation happens before /health answers
-@pytest.mark.parametrize("flags", [["--name", "tiny"], ["--name", "tiny-llama", "--packed_prefill"]],
-                         ids=["bloom", "llama-packed"])
+@pytest.mark.parametrize("flags", [["--name", "tiny"], ["--name", "tiny-llama", "--packed_prefill"],
+                                   ["--name", "tiny-llama", "--packed_prefill", "--freezing"]],
+                         ids=["bloom", "llama-packed", "llama-packed-frozen"])
 def test_compiled_server_equals_generate_and_never_recompiles(flags, tiny_model, tiny_tokenizer):
     """--compile: the forward compiled with dynamic shapes, every graph built before the first
     request; rows joining and leaving in any number then reuse them (fp32: the same tokens), and
     dynamo never reaches its recompile limit (past it a kind of step would run eagerly, unseen).
     It prefills first (no prefill thread beside a compiled forward); Llama packs the prefill into
-    the decode step, compiled too."""
+    the decode step, compiled too; --freezing makes the weights constants of those graphs (as
+    many as the memory check counted)."""
+    from bloomkit.serve.scheduler import WARM_UP_GRAPHS
+
     model, tok = (tiny_model, tiny_tokenizer) if flags[1] == "tiny" else _llama()
     expected = _reference(model, tok, PROMPTS, N_NEW)
     with Server([*flags, "--compile"], ready_timeout=540) as srv:
         built = _graphs(srv.url)
-        assert built > 0 and "prefill overlapped" not in srv.log()
+        assert 0 < built <= WARM_UP_GRAPHS["packed" if "--packed_prefill" in flags else "plain"]
+        assert "prefill overlapped" not in srv.log()
+        assert ("weights frozen" in srv.log()) == ("--freezing" in flags)
+        if "--freezing" in flags:   # the weights were constants of the graphs, not inputs
+            assert int(re.search(r"(\d+) linear weights pre-packed", srv.log())[1]) > 0, srv.log()
         r = _complete(srv.url, PROMPTS)
         assert r.status_code == 200, r.text
         assert [c["text"] for c in r.json()["choices"]] == expected
@@ -481,6 +509,31 @@ def test_compiled_server_equals_generate_and_never_recompiles(flags, tiny_model,
             assert _complete(srv.url, p).json()["choices"][0]["text"] == want[p]
         assert _graphs(srv.url) == built   # nothing compiled after start-up
         assert "recompile_limit" not in srv.log()
+
+
+def test_lever_benchmark_measures_one_flag_by_itself():
+    """``benchmarks/serve.py --only lever``: two of our servers, one with the lever's flags, the same
+    answers, taking turns; each client count gets both medians and a comparison (one round: too few
+    pairs for a verdict), and the plot draws both servers."""
+    import importlib.util
+
+    from bloomkit.launch import ROOT
+    from bloomkit.measure import compare
+
+    spec = importlib.util.spec_from_file_location("bench_serve", ROOT / "benchmarks" / "serve.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = bench.lever("tiny", ["--max_queue", "64"], ["--slot_hold", "0"], rounds=1, runs={2: 4})
+    assert out["servers"]["with"]["args"] == ["--max_queue", "64", "--slot_hold", "0"]
+    part = out["traffic"]["mixed"]
+    for k in ("with", "without"):
+        assert all(r["errors"] == 0 and r["mismatches"] == 0 for r in part[k]["rounds"][0]), part[k]
+    [row] = out["with_vs_without"]
+    assert row["concurrency"] == 2 and row["throughput"]["verdict"] == compare.TOO_FEW
+    assert set(row["output_tokens_per_s"]) == {"with", "without"}
+    assert "with --slot_hold 0" in row["throughput"]["sentence"]
+    assert set(bench.series({"levers": {"tiny + --slot_hold 0": out}})["lengths 16-48 (mixed)"]) == \
+        {"levers/tiny + --slot_hold 0/traffic/with", "levers/tiny + --slot_hold 0/traffic/without"}
 
 
 # ---------------------------------------------------------------------------- several ranks

@@ -123,6 +123,8 @@ def one_line_error(proc, says: str) -> None:
     (["--only", "peers", "--tp", "0", "--out", "{tmp}/o.json"], "pass --tp 1 or more"),
     (["--only", "tp2", "--tp", "2", "--out", "{tmp}/o.json"], "with --only peers"),
     (["--only", "accelerate", "--peer_args=--compile", "--out", "{tmp}/o.json"], "pass them with --only peers"),
+    (["--only", "lever", "--out", "{tmp}/o.json"], "--lever_args"),
+    (["--lever_args=--freezing", "--out", "{tmp}/o.json"], "--only lever"),
 ])
 def test_serve_benchmark_bad_plot_flags_are_one_line(argv, says, tmp_path):
     (tmp_path / "other.json").write_text('{"model": "small", "burst": {"ratio": 2.0}}')

@@ -153,6 +153,42 @@ def packed_config_refusal(config, *, ranks: int, compile: bool) -> str | None:
     return None
 
 
+def prepacked_weights() -> int:
+    """Linear weights inductor has pre-packed for oneDNN in this process, counted once per graph
+    that holds one (0 without ``freezing``, or where dynamo traced the weights as inputs)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["inductor"]["mkldnn_linear_weight_pack_matcher_count"])
+
+
+def freezing_refusal(model, *, device: str, ranks: int, graphs: int, available: int) -> str | None:
+    """Why inductor's ``freezing`` cannot serve this model here, or None when it can.  Freezing
+    makes the weights constants of each compiled graph, and on the CPU pre-packs every linear's
+    weight for oneDNN's matrix multiply (the faster step), but each graph then holds its own
+    packed copy of the weights, beside the model's own: ``graphs`` copies.
+
+    Args:
+        model: the loaded model (its parameters are what each graph copies).
+        device: where it runs; freezing is offered on the CPU only, where it was measured.
+        ranks: processes stepping together (it is measured in one process only).
+        graphs: the graphs the warm-up builds (:data:`WARM_UP_GRAPHS`).
+        available: bytes of memory free now; the copies may take at most 80 % of it.
+
+    Example:
+        >>> freezing_refusal(model, device="cpu", ranks=1, graphs=10, available=2**30)   # doctest: +SKIP
+        'each of the 10 compiled graphs would hold its own packed copy of the weights (10 x 0.10 GiB) ...'
+    """
+    if device != "cpu":
+        return f"it pre-packs the weights for the CPU's matrix multiply, and was measured there only, not on {device}"
+    if ranks > 1:
+        return "it was measured in one process only"
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    if graphs * weights > 0.8 * available:
+        return (f"each of the {graphs} compiled graphs would hold its own packed copy of the weights "
+                f"({graphs} x {weights / 2**30:.2f} GiB) and {available / 2**30:.1f} GiB is free")
+    return None
+
+
 def packed_refusal(model, *, ranks: int, compile: bool) -> str | None:
     """Why the packed step cannot run here, or None when it can: a Llama-family model in one
     process (:func:`packed_config_refusal`), its attention through transformers' registry
@@ -184,18 +220,39 @@ def packed_refusal(model, *, ranks: int, compile: bool) -> str | None:
 SLOT_HOLD = 4
 
 
-def _compile_dynamic(fn):
-    """``torch.compile(fn, dynamic=True)``, tracing without *duck sizing*: by default dynamo gives
-    sizes that happen to be equal at trace time one symbol, and the packed step's sizes (rows,
-    tokens, cache width, prompts) tie to each other and to constants such as the KV heads by
-    chance, so its graph would hold for that one step only."""
+# Graphs KVBatch.warm_up builds with compile (the forward's kinds of step; packed: the packed
+# step's too); tests/test_serve.py holds the servers to them
+WARM_UP_GRAPHS = {"plain": 8, "packed": 10}
+
+
+def _compile_dynamic(fn, *, duck: bool = True, freezing: bool = False):
+    """``torch.compile(fn, dynamic=True)``, called under the configuration its tracing needs.
+
+    Args:
+        duck: dynamo's *duck sizing* (sizes equal at trace time share one symbol).  The packed
+            step traces without it: its sizes (rows, tokens, cache width, prompts) tie to each
+            other and to constants such as the KV heads by chance, so its graph would hold for
+            that one step only.
+        freezing: inductor's freezing.  Set around every call, not only passed to inductor:
+            dynamo reads it while tracing to make the weights attributes of the graph (constants
+            inductor can fold and pre-pack) instead of inputs.
+    """
+    import contextlib
+
     import torch
+    from torch._inductor import config as inductor_config
     from torch.fx.experimental import _config as fx_config
 
     compiled = torch.compile(fn, dynamic=True)
+    if duck and not freezing:
+        return compiled
 
     def call(*args, **kwargs):
-        with fx_config.patch(use_duck_shape=False):
+        with contextlib.ExitStack() as stack:
+            if not duck:
+                stack.enter_context(fx_config.patch(use_duck_shape=False))
+            if freezing:
+                stack.enter_context(inductor_config.patch(freezing=True))
             return compiled(*args, **kwargs)
     return call
 
@@ -206,13 +263,17 @@ class KVBatch:
     (prefill a group and merge it in).  Only tensors, no requests: identical on every rank."""
 
     def __init__(self, model, pad_token_id: int, device=None, compile: bool = False,
-                 slot_hold: int = SLOT_HOLD):
+                 slot_hold: int = SLOT_HOLD, freezing: bool = False):
         import torch
 
+        if freezing and not compile:
+            raise ValueError("freezing is an option of the compiled forward: it needs compile")
         self.model, self.pad = model, int(pad_token_id)
         # compiled: the forward traced with *dynamic* shapes (rows and cache width change every step,
-        # which a static cache could not follow); one graph per kind of step, built by warm_up()
-        self._call = torch.compile(model, dynamic=True) if compile else model
+        # which a static cache could not follow); one graph per kind of step, built by warm_up().
+        # freezing: inductor takes the weights as constants of each graph (see freezing_refusal)
+        self._freezing = freezing
+        self._call = _compile_dynamic(model, freezing=freezing) if compile else model
         self.device = device or next(model.parameters()).device
         params = inspect.signature(model.forward).parameters
         self.cache_kw = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5
@@ -244,7 +305,8 @@ class KVBatch:
         # compiled: a graph of its own, dynamic like the forward's; sizes 0 and 1 are specialised, so
         # a packed step needs >= 2 running rows (pack_rows) and a joining width >= 2 (a pad column)
         self.pack_rows = 2 if self._compile else 1
-        self._pack_call = _compile_dynamic(self._packed_forward) if self._compile else self._packed_forward
+        self._pack_call = _compile_dynamic(self._packed_forward, duck=False, freezing=self._freezing) \
+            if self._compile else self._packed_forward
 
     @property
     def rows(self) -> int:
@@ -719,16 +781,19 @@ class Engine:
     forward of its own; ``max_decode_skips`` then does not apply.  ``slot_hold``: steps a
     finished row's place in the KV cache waits for a joining row, which then takes it without
     the cache being copied (:meth:`KVBatch.keep`); the places waiting are memory beside the
-    running rows that the KV budget does not count (at most the rows that left in those steps)."""
+    running rows that the KV budget does not count (at most the rows that left in those steps).
+    ``freezing`` (with ``compile``, on the CPU; see :func:`freezing_refusal`): inductor takes the
+    weights as constants and pre-packs them for the CPU's matrix multiply, one copy per graph."""
 
     def __init__(self, model, tokenizer, *, max_batch: int = 32, max_queue: int = 256,
                  request_timeout: float = 300.0, kv_bytes_per_token: int = 0,
                  kv_budget_bytes: int | None = None, context_limit: int | None = None,
                  max_prefill_tokens: int = 4096, max_decode_skips: int = 1, sync=None, device=None,
                  compile: bool = False, overlap_prefill: bool = False, packed_prefill: bool = False,
-                 slot_hold: int = SLOT_HOLD):
+                 slot_hold: int = SLOT_HOLD, freezing: bool = False):
         self.tok = tokenizer
-        self.batch = KVBatch(model, tokenizer.pad_token_id, device, compile=compile, slot_hold=slot_hold)
+        self.batch = KVBatch(model, tokenizer.pad_token_id, device, compile=compile, slot_hold=slot_hold,
+                             freezing=freezing)
         if packed_prefill:
             why = packed_refusal(model, ranks=1 if sync is None else 2, compile=compile) or \
                 ("the prefill thread runs its own forward" if overlap_prefill else None)
