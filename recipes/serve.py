@@ -179,19 +179,20 @@ def kv_budget(args, device: str, reserved: int = 0) -> int:
     return int((psutil.virtual_memory().available - reserved) * 0.5 / dist.local_world_size())
 
 
-def frozen_copies(args, model, setup, world: int) -> int:
+def frozen_copies(args, model, device: str, world: int, available: int | None = None) -> int:
     """--freezing: the bytes its graphs' copies of the weights will take, refused in one line
-    (before any graph is built) where they would not fit; 0 without it."""
+    (before any graph is built) where they would not fit in ``available`` (default: the memory
+    free now); 0 without it."""
     if not args.freezing:
         return 0
     import psutil
 
     graphs = scheduler.WARM_UP_GRAPHS["packed" if args.packed_prefill else "plain"]
-    why = scheduler.freezing_refusal(model, device=setup.device, ranks=world, graphs=graphs,
-                                     available=psutil.virtual_memory().available)
+    available = psutil.virtual_memory().available if available is None else available
+    why = scheduler.freezing_refusal(model, device=device, ranks=world, graphs=graphs, available=available)
     if why:
         raise UserError(f"--freezing: {why}; drop it")
-    return graphs * sum(p.numel() * p.element_size() for p in model.parameters())
+    return scheduler.frozen_copies_bytes(model, graphs)
 
 
 def _size(text: str) -> int:
@@ -226,7 +227,7 @@ def main(argv=None):
         if why:
             raise UserError(f"--packed_prefill: {why}; drop it")
         overlap = False
-    reserved = frozen_copies(args, model, setup, world)
+    reserved = frozen_copies(args, model, setup.device, world)
     engine = scheduler.Engine(
         model, tok, max_batch=args.batch_size[0], max_queue=args.max_queue,
         request_timeout=args.request_timeout,

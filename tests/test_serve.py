@@ -469,6 +469,18 @@ def test_freezing_refused_where_its_copies_would_not_fit(tiny_model, tiny_tokeni
     assert "one process" in freezing_refusal(tiny_model, device="cpu", ranks=2, graphs=10, available=100 * weights)
     with pytest.raises(ValueError, match="compile"):
         Engine(tiny_model, tiny_tokenizer, freezing=True)
+    # the recipe's check: the copies against the memory free, one line naming the flag
+    import importlib.util
+
+    from bloomkit.launch import ROOT
+
+    spec = importlib.util.spec_from_file_location("serve_recipe", ROOT / "recipes" / "serve.py")
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    args = recipe.parser().parse_args(["--compile", "--freezing", "--packed_prefill"])
+    assert recipe.frozen_copies(args, tiny_model, "cpu", 1, available=100 * weights) == 10 * weights
+    with pytest.raises(UserError, match="--freezing: each of the 10 compiled graphs.*; drop it"):
+        recipe.frozen_copies(args, tiny_model, "cpu", 1, available=10 * weights)
 
 
 def _graphs(url: str) -> int:

@@ -161,6 +161,11 @@ def prepacked_weights() -> int:
     return int(counters["inductor"]["mkldnn_linear_weight_pack_matcher_count"])
 
 
+def frozen_copies_bytes(model, graphs: int) -> int:
+    """Bytes ``freezing`` adds: one copy of the model's weights in each of ``graphs`` graphs."""
+    return graphs * sum(p.numel() * p.element_size() for p in model.parameters())
+
+
 def freezing_refusal(model, *, device: str, ranks: int, graphs: int, available: int) -> str | None:
     """Why inductor's ``freezing`` cannot serve this model here, or None when it can.  Freezing
     makes the weights constants of each compiled graph, and on the CPU pre-packs every linear's
@@ -182,10 +187,10 @@ def freezing_refusal(model, *, device: str, ranks: int, graphs: int, available: 
         return f"it pre-packs the weights for the CPU's matrix multiply, and was measured there only, not on {device}"
     if ranks > 1:
         return "it was measured in one process only"
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    if graphs * weights > 0.8 * available:
+    copies = frozen_copies_bytes(model, graphs)
+    if copies > 0.8 * available:
         return (f"each of the {graphs} compiled graphs would hold its own packed copy of the weights "
-                f"({graphs} x {weights / 2**30:.2f} GiB) and {available / 2**30:.1f} GiB is free")
+                f"({graphs} x {copies / graphs / 2**30:.2f} GiB) and {available / 2**30:.1f} GiB is free")
     return None
 
 
